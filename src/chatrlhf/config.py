@@ -1,0 +1,289 @@
+"""Stage configuration: dataclasses that are at once the YAML schema and the command line.
+
+A config file is YAML whose keys mirror the dataclass fields (nested dataclasses are nested mappings);
+any field can be overridden on the command line with its dotted name, e.g. `--max_steps 20` or
+`--data.train demos.jsonl`. Unknown keys and values of the wrong type are errors naming the file,
+line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatrlhf.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or command-line override the user must fix."""
+
+
+def help_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by `--help`)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value)
+    return type(value)(value)
+
+
+@dataclass
+class DataConfig:
+    train: str = help_field("", "training data: a .jsonl/.json/.parquet/.txt file or a `datasets` hub name")
+    eval: str = help_field("", "held-out data in the same format (optional)")
+    format: str = help_field(
+        "auto", "record format: auto | messages | prompt_completion | oasst | text (auto looks at the fields)"
+    )
+    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
+    truncation: bool = help_field(False, "cut samples longer than max_length instead of stopping with an error")
+    packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
+    shuffle: bool = help_field(True, "shuffle the training samples every epoch (seeded)")
+    system_prompt: str = help_field(
+        "", "system turn added to conversations that have none (empty: the chat template's own default)"
+    )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = help_field(0, "LoRA rank; 0 means LoRA is off and all weights train")
+    alpha: float = help_field(16.0, "LoRA scaling alpha")
+    dropout: float = help_field(0.0, "dropout on the LoRA input")
+    targets: list[str] = help_field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "names of the linear modules that get adapters",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training stage shares."""
+
+    model: str = help_field("", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct")
+    data: DataConfig = help_field(DataConfig(), "data files")
+    output_dir: str = help_field("runs/sft", "where the checkpoint, metrics and plots go")
+    max_steps: int = help_field(0, "optimizer steps; 0 means run `epochs` over the data")
+    epochs: float = help_field(1.0, "passes over the training data when max_steps is 0")
+    batch_size: int = help_field(8, "samples per forward pass (per process)")
+    grad_accum: int = help_field(1, "forward passes accumulated into one optimizer step")
+    lr: float = help_field(2e-5, "peak learning rate")
+    weight_decay: float = help_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = help_field(0.03, "fraction of the steps with linear warmup before the cosine decay")
+    min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr")
+    max_grad_norm: float = help_field(1.0, "gradient clipping norm; 0 turns clipping off")
+    seed: int = help_field(1234, "random seed of data order and initialisation")
+    dtype: str = help_field(
+        "auto", "fp32 | bf16 | auto (bf16 where the hardware multiplies it fast: CUDA, CPUs with AMX)"
+    )
+    lora: LoraConfig = help_field(LoraConfig(), "LoRA adapters (peft); rank 0 is off")
+    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
+    resume: bool = help_field(False, "continue from the last complete checkpoint in output_dir")
+    save_every: int = help_field(100, "steps between resumable checkpoints; 0 saves only at the end")
+    keep_checkpoints: int = help_field(2, "resumable checkpoints kept on disk")
+    eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
+    log_every: int = help_field(1, "steps between metric lines")
+    report_to: list[str] = help_field([], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)")
+    overwrite: bool = help_field(False, "replace a finished run in output_dir instead of stopping")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations: loss on assistant tokens only."""
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Causal-LM training on raw text (stage 0), packed into rows of data.max_length."""
+
+    output_dir: str = help_field("runs/pretrain", "where the checkpoint, metrics and plots go")
+    lr: float = help_field(5e-5, "peak learning rate")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Build a `cls` config from an optional YAML file and `--dotted.key value` overrides."""
+    raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path:
+        raw, lines = _read_yaml(Path(path))
+    for key, value in _parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    return from_dict(cls, raw, source=path or "command line", lines=lines)
+
+
+def from_dict(cls: type, raw: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> Any:
+    """Build a (nested) dataclass from a mapping, checking every key and value type."""
+    return _build(cls, raw, prefix="", source=source, lines=lines or {})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    from chatrlhf.runs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) of every leaf field, for `--help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_help(hints[f.name], name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((name, f.metadata.get("help", ""), default))
+    return rows
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: a config file must be a mapping of keys to values")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines
+
+
+def _key_lines(node: Any, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            name = prefix + str(key_node.value)
+            out[name] = key_node.start_mark.line + 1
+            _key_lines(value_node, name + ".", out)
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 1
+            text = args[i]
+        else:
+            text = "true"  # a bare flag switches a boolean on
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if raw in (None, False) or raw == "off":
+        raw = {}  # `lora: off` and friends: the section at its defaults
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(source, lines, prefix.rstrip('.'))}: `{prefix.rstrip('.')}` must be a mapping")
+    kwargs = {}
+    for key, value in raw.items():
+        name = prefix + str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_where(source, lines, name)}: unknown key `{name}` (known here: {known})")
+        kwargs[key] = _coerce(value, hints[key], name, source, lines)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, typ: Any, name: str, source: str, lines: dict[str, int]) -> Any:
+    where = _where(source, lines, name)
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, name + ".", source, lines)
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], name, source, lines)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if value is None:
+            return []
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [_coerce(v, item, name, source, lines) for v in items]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "on", "1"):
+            return True
+        if str(value).lower() in ("false", "no", "off", "0"):
+            return False
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))  # YAML 1.1 reads `2e-5` as a string
+        except ValueError:
+            pass
+    elif typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{where}: `{name}` must be {typ.__name__}, got {value!r}")
+
+
+def _where(source: str, lines: dict[str, int], name: str) -> str:
+    line = lines.get(name)
+    return f"{source}:{line}" if line else source

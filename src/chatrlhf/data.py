@@ -1,0 +1,296 @@
+"""Reading and validating user data: demonstrations, raw text, and the files they come in.
+
+Files are JSON Lines, JSON (a list of records), Parquet, plain text, or a `datasets` hub name where a
+network exists. Every record is checked before any training starts; a bad one raises `DataError` naming
+the file, line and field, so a run never stops halfway through because of its data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatrlhf.chat import ROLES, render
+from chatrlhf.errors import UserError
+
+
+class DataError(UserError):
+    """A data file or record the user must fix; the message starts with `file:line:`."""
+
+
+@dataclass
+class Record:
+    where: str  # "file:line" (or "file:row N"), for messages
+    data: dict[str, Any]
+
+
+@dataclass
+class Conversation:
+    where: str
+    messages: list[dict[str, str]]
+
+
+@dataclass
+class Sample:
+    """One tokenized training row: ids, which tokens carry loss, and position ids (reset per packed sample)."""
+
+    input_ids: list[int]  # (T,)
+    loss_mask: list[int]  # (T,) 1 where the token is a target
+    position_ids: list[int]  # (T,)
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def read_records(source: str) -> list[Record]:
+    """All records of a data file (or hub dataset), each with where it came from."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return _read_hub(source)
+    if path.is_dir():
+        raise DataError(f"{source}: is a folder, expected a .jsonl, .json, .parquet or .txt file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [Record(f"{source}:1", {"text": _read_text(path)})]
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".json":
+        return _read_json(path)
+    return list(_read_jsonl(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: broken JSON: {e.msg} (column {e.colno})") from None
+            yield Record(where, _as_object(data, where))
+
+
+def _read_json(path: Path) -> list[Record]:
+    text = _read_text(path)
+    decoder = json.JSONDecoder()
+    try:
+        data = decoder.decode(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: broken JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict):
+        return [Record(f"{path}:1", data)]
+    if not isinstance(data, list):
+        raise DataError(f"{path}:1: expected a list of records")
+    # walk the array once more to learn on which line each record starts
+    records, index = [], text.index("[") + 1
+    for item in data:
+        while text[index] in " \t\r\n,":
+            index += 1
+        _, end = decoder.raw_decode(text, index)
+        where = f"{path}:{text.count(chr(10), 0, index) + 1}"
+        records.append(Record(where, _as_object(item, where)))
+        index = end
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: cannot read Parquet: {e}") from None
+    return [Record(f"{path}:row {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def _read_hub(name: str) -> list[Record]:
+    if name.startswith((".", "/", "~")) or name.endswith((".jsonl", ".json", ".parquet", ".txt")):
+        raise DataError(f"{name}: file not found")
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as e:  # no network, unknown dataset: both are the user's to fix
+        raise DataError(f"{name}: not a file, and loading it as a hub dataset failed: {e}") from None
+    return [Record(f"{name}:row {i + 1}", dict(row)) for i, row in enumerate(rows)]
+
+
+def _as_object(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# record formats
+
+
+def check_messages(messages: Any, where: str, field: str = "messages", last_role: str | None = "assistant") -> list[dict]:
+    """Validate a chat: known roles, non-empty text, system only first, a user turn before any answer."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field `{field}` must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        at = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field `{at}` must be an object with `role` and `content`")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: field `{at}.role` is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}: field `{at}.content` is empty or not text")
+        if role == "system" and i > 0:
+            raise DataError(f"{where}: field `{at}.role`: a system message may only come first")
+        if role == "assistant" and not any(m["role"] == "user" for m in out):
+            raise DataError(f"{where}: field `{at}.role`: an assistant turn needs a user turn before it")
+        out.append({"role": role, "content": content})
+    if last_role and out[-1]["role"] != last_role:
+        raise DataError(
+            f"{where}: field `{field}[{len(out) - 1}].role`: the conversation must end in a {last_role} turn"
+        )
+    return out
+
+
+def _text_field(data: dict, key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field `{key}` is missing, empty or not text")
+    return value
+
+
+def demonstration(record: Record) -> Conversation:
+    """A demonstration record as a conversation: `{"messages"}` or `{"prompt", "completion"}`."""
+    data, where = record.data, record.where
+    if "messages" in data:
+        return Conversation(where, check_messages(data["messages"], where))
+    if "prompt" in data and "completion" in data:
+        prompt = data["prompt"]
+        if isinstance(prompt, list):
+            messages = check_messages(prompt, where, "prompt", last_role="user")
+        else:
+            messages = [{"role": "user", "content": _text_field(data, "prompt", where)}]
+        completion = data["completion"]
+        if isinstance(completion, list):
+            messages += check_messages(completion, where, "completion", last_role=None)
+        else:
+            messages.append({"role": "assistant", "content": _text_field(data, "completion", where)})
+        return Conversation(where, check_messages(messages, where))
+    raise DataError(f"{where}: expected field `messages`, or fields `prompt` and `completion`")
+
+
+def load_demonstrations(source: str, fmt: str = "auto") -> list[Conversation]:
+    """Demonstrations from a file: chats, prompt/completion pairs, or OpenAssistant trees."""
+    records = read_records(source)
+    if fmt == "oasst" or (fmt == "auto" and records and "message_tree_id" in records[0].data):
+        from chatrlhf.oasst import tree_demonstrations
+
+        return tree_demonstrations(records)
+    if fmt not in ("auto", "messages", "prompt_completion"):
+        raise DataError(f"data.format: {fmt!r} is not a demonstrations format (messages, prompt_completion, oasst)")
+    if not records:
+        raise DataError(f"{source}: no records")
+    return [demonstration(r) for r in records]
+
+
+def load_texts(source: str) -> list[Record]:
+    """Raw text records `{"text": str}` (or a .txt file) for causal-LM training."""
+    records = read_records(source)
+    for r in records:
+        _text_field(r.data, "text", r.where)
+    if not records:
+        raise DataError(f"{source}: no records")
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenization
+
+
+def tokenize_conversations(
+    conversations: Sequence[Conversation], tokenizer, max_length: int, truncation: bool, system_prompt: str = ""
+) -> list[Sample]:
+    """Render each conversation; the loss mask is the assistant mask. Too long: error or cut."""
+    samples, dropped = [], []
+    for conv in conversations:
+        rendered = render(tokenizer, conv.messages, system_prompt=system_prompt)
+        ids, mask = rendered.input_ids, rendered.assistant_mask
+        if len(ids) > max_length:
+            if not truncation:
+                raise DataError(
+                    f"{conv.where}: field `messages`: {len(ids)} tokens, more than data.max_length={max_length} "
+                    f"(raise data.max_length or set data.truncation: true)"
+                )
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            dropped.append(conv.where)  # truncation cut every assistant token: nothing to learn here
+            continue
+        samples.append(Sample(ids, mask, list(range(len(ids)))))
+    if dropped:
+        print(f"warning: {len(dropped)} sample(s) dropped, no assistant token within data.max_length "
+              f"(first: {dropped[0]})", file=sys.stderr)
+    if not samples:
+        raise DataError(f"{conversations[0].where}: no sample keeps an assistant token within data.max_length")
+    return samples
+
+
+def tokenize_texts(records: Sequence[Record], tokenizer) -> list[list[int]]:
+    """Token ids of each text, closed by EOS so packed documents stay apart."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [tokenizer(r.data["text"], add_special_tokens=False)["input_ids"] + eos for r in records]
+
+
+def pack(samples: Sequence[Sample], max_length: int) -> list[Sample]:
+    """Greedily pack whole samples into rows of at most max_length tokens, in order.
+
+    Position ids restart at each sample; with no attention mask, transformers then attends only
+    within each sample (a block-diagonal causal mask), so packing changes no sample's loss.
+    """
+    rows: list[Sample] = []
+    current = Sample([], [], [])
+    for s in samples:
+        if current.input_ids and len(current.input_ids) + len(s.input_ids) > max_length:
+            rows.append(current)
+            current = Sample([], [], [])
+        current.input_ids += s.input_ids
+        current.loss_mask += s.loss_mask
+        current.position_ids += s.position_ids
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def chunk_stream(documents: Sequence[list[int]], max_length: int) -> list[Sample]:
+    """Concatenate token streams and cut them into rows of max_length (pretraining packing).
+
+    Every token is a target; position ids restart at each document so documents do not attend to
+    each other.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    for doc in documents:
+        ids += doc
+        positions += range(len(doc))
+    return [
+        Sample(ids[i : i + max_length], [1] * len(ids[i : i + max_length]), positions[i : i + max_length])
+        for i in range(0, len(ids), max_length)
+    ]

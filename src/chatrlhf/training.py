@@ -1,0 +1,225 @@
+"""The optimisation loop shared by the supervised stages (pretrain, SFT, reward model).
+
+A stage hands `fit` its model, its tokenized items and a `Stage` that knows how to turn a micro-batch into
+a loss. One optimizer step takes `batch_size * grad_accum` items in a seeded order, sorts them by length
+into micro-batches of `batch_size` (less padding), and divides every micro-batch's summed loss by the
+step's total weight (loss tokens, pairs), so accumulation gives exactly the full-batch gradient.
+Checkpoints hold the trainable weights, optimizer, scheduler and RNG state: `resume` continues the
+same data order and the loss curve as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from chatrlhf.config import TrainConfig, to_dict
+from chatrlhf.errors import UserError
+from chatrlhf.models import pick_device, resolve_dtype
+from chatrlhf.runs import MetricsLog, RunDir, plot_metrics
+
+
+@dataclass
+class Stage:
+    """What `fit` needs to know about one stage."""
+
+    name: str  # "sft", "pretrain", "reward"
+    loss: Callable[[Any, Sequence[Any], float], tuple[torch.Tensor, dict[str, float]]]
+    # loss(model, micro_batch, step_weight) -> (summed loss / step_weight, sums of stats to log)
+    weight: Callable[[Any], float]  # an item's share of the step's normaliser (its loss tokens, its pairs)
+    length: Callable[[Any], int]  # tokens, for grouping items of similar length
+    summarize: Callable[[dict[str, float]], dict[str, float]]  # step sums -> logged metrics (train/...)
+    evaluate: Callable[[Any, Sequence[Any]], dict[str, float]] | None = None  # (model, items) -> eval/...
+    export: Callable[[Any, Path], None] | None = None  # writes the final checkpoint into a folder
+    plots: list[str] = field(default_factory=list)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 compute over fp32 master weights; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def total_steps(cfg: TrainConfig, n_items: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `max_steps` or `epochs`."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_items / per_step))
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return steps_per_epoch, steps
+
+
+def step_items(cfg: TrainConfig, n_items: int, step: int) -> list[int]:
+    """Indices of the items of optimizer step `step` (0-based): a seeded permutation per epoch."""
+    steps_per_epoch, _ = total_steps(cfg, n_items)
+    epoch, within = divmod(step, steps_per_epoch)
+    if cfg.data.shuffle:
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    else:
+        order = list(range(n_items))
+    per_step = cfg.batch_size * cfg.grad_accum
+    return order[within * per_step : (within + 1) * per_step]
+
+
+def micro_batches(items: Sequence[Any], batch_size: int, length: Callable[[Any], int]) -> list[list[Any]]:
+    """Split a step's items into micro-batches of similar length (longest first)."""
+    ordered = sorted(items, key=length, reverse=True)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def make_optimizer(cfg: TrainConfig, model, steps: int):
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    return optimizer, scheduler
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resumable(folder: Path, model, optimizer, scheduler, step: int) -> None:
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, folder / "trainer_state.pt")
+
+
+def load_resumable(folder: Path, model, optimizer, scheduler) -> int:
+    weights = load_file(str(folder / "trainable.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise UserError(f"{folder}: checkpoint does not match this model ({len(missing)} parameters missing)")
+    model.load_state_dict(weights, strict=False)
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def fit(
+    cfg: TrainConfig,
+    stage: Stage,
+    model,
+    train_items: Sequence[Any],
+    eval_items: Sequence[Any] = (),
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train `model` on `train_items`; write checkpoints, metrics, plots and the final model."""
+    run = RunDir(cfg.output_dir)
+    device = next(model.parameters()).device
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    steps_per_epoch, steps = total_steps(cfg, len(train_items))
+    optimizer, scheduler = make_optimizer(cfg, model, steps)
+
+    start = 0
+    checkpoint = run.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        start = load_resumable(checkpoint, model, optimizer, scheduler)
+    run.start(overwrite=cfg.overwrite and not cfg.resume)
+    log = MetricsLog(run, cfg.report_to, resume_step=start)
+
+    summary: dict[str, float] = {}
+    columns = [TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, TextColumn("{task.fields[info]}"), transient=False) as progress:
+        task = progress.add_task(stage.name, total=steps, completed=start, info="")
+        for step in range(start, steps):
+            began = time.perf_counter()
+            items = [train_items[i] for i in step_items(cfg, len(train_items), step)]
+            step_weight = sum(stage.weight(item) for item in items)
+            sums: dict[str, float] = {}
+            for batch in micro_batches(items, cfg.batch_size, stage.length):
+                with autocast(device, dtype):
+                    loss, stats = stage.loss(model, batch, step_weight)
+                loss.backward()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+            grad_norm = _clip(model, cfg.max_grad_norm)
+            metrics = stage.summarize(sums)
+            if not all(math.isfinite(v) for v in metrics.values()) or not math.isfinite(grad_norm):
+                last = run.latest_checkpoint()
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise UserError(f"{stage.name}: the loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics.update(
+                {
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/epoch": (step + 1) / steps_per_epoch,
+                    "timing/step": time.perf_counter() - began,
+                }
+            )
+            done = step + 1
+            if stage.evaluate and eval_items and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+                metrics.update(_evaluate(stage, model, eval_items, device, dtype))
+            if done % max(cfg.log_every, 1) == 0 or done == steps:
+                log.log(done, metrics)
+            summary.update(metrics)
+            progress.update(task, advance=1, info=_short(metrics))
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                run.save_checkpoint(
+                    done, lambda folder: save_resumable(folder, model, optimizer, scheduler, done), cfg.keep_checkpoints
+                )
+            if on_step is not None:
+                on_step(done, metrics)
+
+    if stage.evaluate and eval_items:
+        final_eval = _evaluate(stage, model, eval_items, device, dtype)
+        log.log(steps, final_eval)
+        summary.update(final_eval)
+    log.close()
+    if stage.plots:
+        plot_metrics(run, stage.plots, f"{stage.name}_curves.png", f"{stage.name}: {cfg.output_dir}")
+    if stage.export is not None:
+        info = {"stage": stage.name, "config": to_dict(cfg), "lineage": stage.lineage, "summary": summary}
+        run.export(lambda folder: stage.export(model, folder), info)
+    return summary
+
+
+def _evaluate(stage: Stage, model, items, device, dtype) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad(), autocast(device, dtype):
+        result = stage.evaluate(model, items)
+    model.train()
+    return result
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+def _short(metrics: dict[str, float]) -> str:
+    shown = [(k.split("/")[-1], v) for k, v in metrics.items() if k.startswith(("train/loss", "rm/acc", "eval/loss"))]
+    return "  ".join(f"{k} {v:.4f}" for k, v in shown)
+
+
+__all__ = ["Stage", "fit", "pick_device", "autocast"]
