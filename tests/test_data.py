@@ -18,7 +18,18 @@ GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "c
 
 def run_sft(tmp_path, model, data, *extra) -> tuple[int, str]:
     out = tmp_path / "out"
-    argv = ["sft", "--model", model, "--data.train", data, "--output_dir", str(out), "--max_steps", "1", *extra]
+    argv = [
+        "sft",
+        "--model",
+        model,
+        "--data.train",
+        data,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+        *extra,
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     return exit_info.value.code, str(out)
@@ -35,7 +46,13 @@ BAD_LINES = {
         "field `messages[1].content` is empty",
     ),
     "not ending in assistant": (
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yo"},
+                {"role": "user", "content": "?"},
+            ]
+        },
         "field `messages[2].role`: the conversation must end in a assistant turn",
     ),
     "no known fields": ({"question": "Hi"}, "expected field `messages`"),
@@ -71,8 +88,23 @@ def test_too_long_without_truncation(tmp_path, tiny_model, capsys):
     assert code == 2 and f"{data}:2:" in err and "more than data.max_length=64" in err
     assert not Path(out).exists()
     # with truncation on the same file trains
-    main(["sft", "--model", tiny_model, "--data.train", data, "--output_dir", str(tmp_path / "cut"),
-          "--max_steps", "1", "--data.max_length", "64", "--data.truncation", "true"])
+    main(
+        [
+            "sft",
+            "--model",
+            tiny_model,
+            "--data.train",
+            data,
+            "--output_dir",
+            str(tmp_path / "cut"),
+            "--max_steps",
+            "1",
+            "--data.max_length",
+            "64",
+            "--data.truncation",
+            "true",
+        ]
+    )
     assert (tmp_path / "cut" / "run.json").is_file()
 
 
@@ -104,9 +136,14 @@ def test_formats_json_parquet_and_prompt_completion(tmp_path):
     rows = [{"prompt": "Name a colour.", "completion": "Blue."}, GOOD]
     (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
     convs = load_demonstrations(str(tmp_path / "d.json"))
-    assert convs[0].messages == [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    assert convs[0].messages == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+    ]
     assert convs[1].where.endswith(":6")  # the second record starts on line 6 of the pretty-printed list
-    pq.write_table(pa.Table.from_pylist([{"prompt": "Name a colour.", "completion": "Blue."}]), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "Name a colour.", "completion": "Blue."}]), tmp_path / "d.parquet"
+    )
     assert load_demonstrations(str(tmp_path / "d.parquet"))[0].messages == convs[0].messages
     bad = [{"prompt": "x", "completion": "y"}, {"messages": [{"role": "user", "content": ""}]}]
     (tmp_path / "bad.json").write_text(json.dumps(bad, indent=2))
@@ -119,15 +156,24 @@ def test_oasst_best_ranked_path_without_synthetic(tmp_path):
         return {"text": text, "role": role, "rank": rank, "synthetic": synthetic, "replies": list(replies)}
 
     tree = msg(
-        "Q1", "prompter",
+        "Q1",
+        "prompter",
         replies=[
             msg("A-worse", "assistant", rank=1),
             msg("A-synthetic", "assistant", rank=0, synthetic=True),
-            msg("A-best", "assistant", rank=0, replies=[msg("Q2", "prompter", replies=[msg("A2", "assistant")])]),
+            msg(
+                "A-best",
+                "assistant",
+                rank=0,
+                replies=[msg("Q2", "prompter", replies=[msg("A2", "assistant")])],
+            ),
         ],
     )
     dangling = msg("Q", "prompter", replies=[msg("A", "assistant", replies=[msg("follow-up", "prompter")])])
-    path = write_jsonl(tmp_path / "trees.jsonl", [{"message_tree_id": "t1", "prompt": tree}, {"message_tree_id": "t2", "prompt": dangling}])
+    path = write_jsonl(
+        tmp_path / "trees.jsonl",
+        [{"message_tree_id": "t1", "prompt": tree}, {"message_tree_id": "t2", "prompt": dangling}],
+    )
     convs = load_demonstrations(path)
     assert [[m["content"] for m in c.messages] for c in convs] == [["Q1", "A-best", "Q2", "A2"], ["Q", "A"]]
     assert convs[0].messages[0]["role"] == "user"

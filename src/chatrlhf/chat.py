@@ -31,7 +31,9 @@ def with_system_prompt(messages: Sequence[dict], system_prompt: str) -> list[dic
     return messages
 
 
-def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False, system_prompt: str = "") -> Rendered:
+def render(
+    tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False, system_prompt: str = ""
+) -> Rendered:
     """Render a conversation into ids and a mask that is 1 exactly on the assistant turns' tokens.
 
     With `add_generation_prompt`, the ids end with the template's opening of a new assistant turn
@@ -80,7 +82,9 @@ def ensure_pad_token(tokenizer) -> int:
 def _template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _end_of_turn(tokenizer, text: str, start: int, end: int) -> int:

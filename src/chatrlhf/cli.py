@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(
-            name, help=command.help, description=command.help, epilog=_epilog(command.config),
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=_epilog(command.config),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", help="YAML config file")

@@ -46,7 +46,9 @@ class DataConfig:
         "auto", "record format: auto | messages | prompt_completion | oasst | text (auto looks at the fields)"
     )
     max_length: int = help_field(1024, "maximum tokens of one rendered sample")
-    truncation: bool = help_field(False, "cut samples longer than max_length instead of stopping with an error")
+    truncation: bool = help_field(
+        False, "cut samples longer than max_length instead of stopping with an error"
+    )
     packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
     shuffle: bool = help_field(True, "shuffle the training samples every epoch (seeded)")
     system_prompt: str = help_field(
@@ -73,7 +75,9 @@ class LoraConfig:
 class TrainConfig:
     """Keys every training stage shares."""
 
-    model: str = help_field("", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct")
+    model: str = help_field(
+        "", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct"
+    )
     data: DataConfig = help_field(DataConfig(), "data files")
     output_dir: str = help_field("runs/sft", "where the checkpoint, metrics and plots go")
     max_steps: int = help_field(0, "optimizer steps; 0 means run `epochs` over the data")
@@ -96,7 +100,9 @@ class TrainConfig:
     keep_checkpoints: int = help_field(2, "resumable checkpoints kept on disk")
     eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
     log_every: int = help_field(1, "steps between metric lines")
-    report_to: list[str] = help_field([], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)")
+    report_to: list[str] = help_field(
+        [], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)"
+    )
     overwrite: bool = help_field(False, "replace a finished run in output_dir instead of stopping")
 
 
@@ -128,7 +134,9 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     return from_dict(cls, raw, source=path or "command line", lines=lines)
 
 
-def from_dict(cls: type, raw: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> Any:
+def from_dict(
+    cls: type, raw: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None
+) -> Any:
     """Build a (nested) dataclass from a mapping, checking every key and value type."""
     return _build(cls, raw, prefix="", source=source, lines=lines or {})
 
@@ -227,7 +235,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int])
     if raw in (None, False) or raw == "off":
         raw = {}  # `lora: off` and friends: the section at its defaults
     if not isinstance(raw, dict):
-        raise ConfigError(f"{_where(source, lines, prefix.rstrip('.'))}: `{prefix.rstrip('.')}` must be a mapping")
+        raise ConfigError(
+            f"{_where(source, lines, prefix.rstrip('.'))}: `{prefix.rstrip('.')}` must be a mapping"
+        )
     kwargs = {}
     for key, value in raw.items():
         name = prefix + str(key)

@@ -145,7 +145,9 @@ def _as_object(data: Any, where: str) -> dict[str, Any]:
 # record formats
 
 
-def check_messages(messages: Any, where: str, field: str = "messages", last_role: str | None = "assistant") -> list[dict]:
+def check_messages(
+    messages: Any, where: str, field: str = "messages", last_role: str | None = "assistant"
+) -> list[dict]:
     """Validate a chat: known roles, non-empty text, system only first, a user turn before any answer."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field `{field}` must be a non-empty list of messages")
@@ -206,7 +208,9 @@ def load_demonstrations(source: str, fmt: str = "auto") -> list[Conversation]:
 
         return tree_demonstrations(records)
     if fmt not in ("auto", "messages", "prompt_completion"):
-        raise DataError(f"data.format: {fmt!r} is not a demonstrations format (messages, prompt_completion, oasst)")
+        raise DataError(
+            f"data.format: {fmt!r} is not a demonstrations format (messages, prompt_completion, oasst)"
+        )
     if not records:
         raise DataError(f"{source}: no records")
     return [demonstration(r) for r in records]
@@ -227,7 +231,11 @@ def load_texts(source: str) -> list[Record]:
 
 
 def tokenize_conversations(
-    conversations: Sequence[Conversation], tokenizer, max_length: int, truncation: bool, system_prompt: str = ""
+    conversations: Sequence[Conversation],
+    tokenizer,
+    max_length: int,
+    truncation: bool,
+    system_prompt: str = "",
 ) -> list[Sample]:
     """Render each conversation; the loss mask is the assistant mask. Too long: error or cut."""
     samples, dropped = [], []
@@ -246,10 +254,15 @@ def tokenize_conversations(
             continue
         samples.append(Sample(ids, mask, list(range(len(ids)))))
     if dropped:
-        print(f"warning: {len(dropped)} sample(s) dropped, no assistant token within data.max_length "
-              f"(first: {dropped[0]})", file=sys.stderr)
+        print(
+            f"warning: {len(dropped)} sample(s) dropped, no assistant token within data.max_length "
+            f"(first: {dropped[0]})",
+            file=sys.stderr,
+        )
     if not samples:
-        raise DataError(f"{conversations[0].where}: no sample keeps an assistant token within data.max_length")
+        raise DataError(
+            f"{conversations[0].where}: no sample keeps an assistant token within data.max_length"
+        )
     return samples
 
 

@@ -63,7 +63,9 @@ def demonstrations(topics: list[str], rng: random.Random) -> list[dict]:
         facts = TOPICS[topic][:]
         for name, (prompt, write) in CONSTRAINTS.items():
             rng.shuffle(facts)
-            rows.append({"prompt": prompt.format(topic=topic), "completion": write(topic, facts), "constraint": name})
+            rows.append(
+                {"prompt": prompt.format(topic=topic), "completion": write(topic, facts), "constraint": name}
+            )
     return rows
 
 
@@ -87,7 +89,9 @@ def run(cfg: DemoConfig) -> None:
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
     data_file = out / "demonstrations.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in demonstrations(train_topics, rng)))
-    held_out = [[{"role": "user", "content": r["prompt"]}] for r in demonstrations(list(HELD_OUT_TOPICS), rng)][:6]
+    held_out = [
+        [{"role": "user", "content": r["prompt"]}] for r in demonstrations(list(HELD_OUT_TOPICS), rng)
+    ][:6]
 
     console.rule("[bold]stage 1: supervised fine-tuning on built-in demonstrations")
     sft_cfg = SFTConfig(
@@ -108,8 +112,12 @@ def run(cfg: DemoConfig) -> None:
     tokenizer = load_tokenizer(sft_cfg.output_dir)
     from chatrlhf.models import resolve_model
 
-    before = answer(load_causal_lm(resolve_model(cfg.model), tokenizer, pick_device()), tokenizer, held_out, sampling)
-    after = answer(load_causal_lm(sft_cfg.output_dir, tokenizer, pick_device()), tokenizer, held_out, sampling)
+    before = answer(
+        load_causal_lm(resolve_model(cfg.model), tokenizer, pick_device()), tokenizer, held_out, sampling
+    )
+    after = answer(
+        load_causal_lm(sft_cfg.output_dir, tokenizer, pick_device()), tokenizer, held_out, sampling
+    )
     table = Table(title="held-out prompts, greedy answers", show_lines=True)
     for column in ("prompt", "before SFT", "after SFT"):
         table.add_column(column, overflow="fold")

@@ -32,7 +32,11 @@ def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: Sampl
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(
-        input_ids=ids, attention_mask=attention, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs
+        input_ids=ids,
+        attention_mask=attention,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
     )
     answers = []
     for row in out[:, width:].tolist():
@@ -42,7 +46,12 @@ def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: Sampl
     return answers
 
 
-def answer(model, tokenizer, conversations: Sequence[list[dict]], sampling: SamplingConfig, system_prompt: str = "") -> list[str]:
+def answer(
+    model, tokenizer, conversations: Sequence[list[dict]], sampling: SamplingConfig, system_prompt: str = ""
+) -> list[str]:
     """The assistant's reply to each conversation (ending in a user turn), as text."""
     prompts = [prompt_ids(tokenizer, c, system_prompt) for c in conversations]
-    return [tokenizer.decode(a, skip_special_tokens=True) for a in generate_ids(model, tokenizer, prompts, sampling)]
+    return [
+        tokenizer.decode(a, skip_special_tokens=True)
+        for a in generate_ids(model, tokenizer, prompts, sampling)
+    ]

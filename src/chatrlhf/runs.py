@@ -64,7 +64,9 @@ class RunDir:
             return
         if resume:
             if self.finished:
-                raise UserError(f"{self.path}: this run already finished; nothing to resume (set overwrite: true to redo it)")
+                raise UserError(
+                    f"{self.path}: this run already finished; nothing to resume (set overwrite: true to redo it)"
+                )
             return
         raise UserError(
             f"{self.path}: output_dir already holds a run; set resume: true to continue it "
@@ -92,7 +94,8 @@ class RunDir:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted(
-            (p for p in self.checkpoints.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+            (p for p in self.checkpoints.glob("step-*") if p.is_dir()),
+            key=lambda p: int(p.name.split("-")[1]),
         )
         for old in kept[: max(0, len(kept) - max(keep, 1))]:
             shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +113,9 @@ class RunDir:
                 shutil.rmtree(target)
             os.replace(item, target)
         tmp.rmdir()
-        atomic_write_text(self.path / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True, default=str) + "\n")
+        atomic_write_text(
+            self.path / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True, default=str) + "\n"
+        )
 
 
 class MetricsLog:
@@ -124,7 +129,11 @@ class MetricsLog:
             return
         if resume_step and self.path.exists():
             # drop what was logged after the checkpoint we resume from: the curve continues from there
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()

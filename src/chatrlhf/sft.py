@@ -61,7 +61,9 @@ def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     select = batch["targets"] != -100
     if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
         return logits[select], batch["targets"][select]
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
@@ -137,7 +139,9 @@ def train(cfg: SFTConfig, on_step=None) -> dict[str, float]:
         load_demonstrations(d.train, d.format), tokenizer, d.max_length, d.truncation, d.system_prompt
     )
     eval_samples = (
-        tokenize_conversations(load_demonstrations(d.eval, d.format), tokenizer, d.max_length, d.truncation, d.system_prompt)
+        tokenize_conversations(
+            load_demonstrations(d.eval, d.format), tokenizer, d.max_length, d.truncation, d.system_prompt
+        )
         if d.eval
         else []
     )

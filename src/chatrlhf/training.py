@@ -81,9 +81,14 @@ def make_optimizer(cfg: TrainConfig, model, steps: int):
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8
+    )
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps, min_lr_rate=cfg.min_lr_ratio
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * steps),
+        num_training_steps=steps,
+        min_lr_rate=cfg.min_lr_ratio,
     )
     return optimizer, scheduler
 
@@ -161,7 +166,9 @@ def fit(
             if not all(math.isfinite(v) for v in metrics.values()) or not math.isfinite(grad_norm):
                 last = run.latest_checkpoint()
                 kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise UserError(f"{stage.name}: the loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)")
+                raise UserError(
+                    f"{stage.name}: the loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)"
+                )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -175,7 +182,13 @@ def fit(
                 }
             )
             done = step + 1
-            if stage.evaluate and eval_items and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+            if (
+                stage.evaluate
+                and eval_items
+                and cfg.eval_every
+                and done % cfg.eval_every == 0
+                and done < steps
+            ):
                 metrics.update(_evaluate(stage, model, eval_items, device, dtype))
             if done % max(cfg.log_every, 1) == 0 or done == steps:
                 log.log(done, metrics)
@@ -183,7 +196,9 @@ def fit(
             progress.update(task, advance=1, info=_short(metrics))
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 run.save_checkpoint(
-                    done, lambda folder: save_resumable(folder, model, optimizer, scheduler, done), cfg.keep_checkpoints
+                    done,
+                    lambda folder, step=done: save_resumable(folder, model, optimizer, scheduler, step),
+                    cfg.keep_checkpoints,
                 )
             if on_step is not None:
                 on_step(done, metrics)
@@ -218,7 +233,11 @@ def _clip(model, max_norm: float) -> float:
 
 
 def _short(metrics: dict[str, float]) -> str:
-    shown = [(k.split("/")[-1], v) for k, v in metrics.items() if k.startswith(("train/loss", "rm/acc", "eval/loss"))]
+    shown = [
+        (k.split("/")[-1], v)
+        for k, v in metrics.items()
+        if k.startswith(("train/loss", "rm/acc", "eval/loss"))
+    ]
     return "  ".join(f"{k} {v:.4f}" for k, v in shown)
 
 

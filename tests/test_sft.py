@@ -1,0 +1,160 @@
+"""The SFT trainer: learning, masking, accumulation, packing, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import demo_rows
+from transformers import AutoModelForCausalLM
+
+from chatrlhf.config import DataConfig, SFTConfig
+from chatrlhf.data import Conversation, pack, tokenize_conversations
+from chatrlhf.runs import read_metrics
+from chatrlhf.sft import collate, target_logits, train
+
+
+def config(tiny_model, demos_file, out, **kw) -> SFTConfig:
+    data = DataConfig(train=demos_file, shuffle=kw.pop("shuffle", True), packing=kw.pop("packing", False))
+    base = dict(
+        model=tiny_model,
+        data=data,
+        output_dir=str(out),
+        batch_size=4,
+        lr=3e-3,
+        dtype="fp32",
+        save_every=0,
+        warmup_ratio=0.0,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_loss_decreases_and_parameters_change(tiny_model, demos_file, tmp_path):
+    summary = train(config(tiny_model, demos_file, tmp_path / "run", max_steps=12))
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    before, after = weights(tiny_model), weights(tmp_path / "run")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # every tensor trains in full fine-tuning
+    assert summary["train/loss"] == losses[-1]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["lineage"]["parent"] == tiny_model and len(run["lineage"]["data"][demos_file]) == 64
+    assert (tmp_path / "run" / "sft_curves.png").stat().st_size > 1000
+
+
+def test_loss_only_on_assistant_tokens(tiny_model, tokenizer):
+    """The loss equals the full-logit cross-entropy on assistant labels; prompt positions get no gradient."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    conv = Conversation("x", demo_rows(1)[0]["messages"])
+    (sample,) = tokenize_conversations([conv], tokenizer, 256, False)
+    batch = collate([sample], tokenizer.pad_token_id, "cpu")
+    logits, targets = target_logits(model, batch)
+    ours = torch.nn.functional.cross_entropy(logits, targets)
+
+    ids = torch.tensor([sample.input_ids])
+    labels = torch.where(torch.tensor([sample.loss_mask], dtype=torch.bool), ids, torch.full_like(ids, -100))
+    full = model(input_ids=ids)
+    full.logits.retain_grad()
+    reference = torch.nn.functional.cross_entropy(full.logits[0, :-1], labels[0, 1:])
+    assert torch.allclose(ours, reference, atol=1e-5)
+    reference.backward()
+    predicts_prompt = ~torch.tensor(sample.loss_mask[1:], dtype=torch.bool)
+    assert full.logits.grad[0, :-1][predicts_prompt].abs().max() == 0
+    assert full.logits.grad[0, :-1][~predicts_prompt].abs().max() > 0
+    # and changing the labels of user-turn positions cannot matter: they are never targets
+    assert int((batch["targets"] != -100).sum()) == sum(sample.loss_mask[1:])
+
+
+def test_grad_accumulation_equals_full_batch(tiny_model, demos_file, tmp_path):
+    full = train(
+        config(
+            tiny_model, demos_file, tmp_path / "full", max_steps=2, batch_size=8, grad_accum=1, shuffle=False
+        )
+    )
+    accum = train(
+        config(
+            tiny_model, demos_file, tmp_path / "accum", max_steps=2, batch_size=4, grad_accum=2, shuffle=False
+        )
+    )
+    assert accum["train/loss"] == pytest.approx(full["train/loss"], abs=1e-5)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "accum")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_packing_leaves_each_sample_loss_unchanged(tiny_model, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    convs = [Conversation(f"x:{i}", r["messages"]) for i, r in enumerate(demo_rows(5))]
+    samples = tokenize_conversations(convs, tokenizer, 512, False)
+    with torch.no_grad():
+        separate = torch.cat(
+            [
+                torch.nn.functional.cross_entropy(
+                    *target_logits(model, collate([s], 0, "cpu")), reduction="none"
+                )
+                for s in samples
+            ]
+        )
+        (row,) = pack(samples, 512)
+        packed = torch.nn.functional.cross_entropy(
+            *target_logits(model, collate([row], 0, "cpu")), reduction="none"
+        )
+        padded = torch.nn.functional.cross_entropy(
+            *target_logits(model, collate(samples, tokenizer.pad_token_id, "cpu")), reduction="none"
+        )
+    assert torch.allclose(separate, packed, atol=1e-5)
+    assert torch.allclose(separate, padded, atol=1e-5)
+
+
+def test_packed_training_runs(tiny_model, demos_file, tmp_path):
+    summary = train(config(tiny_model, demos_file, tmp_path / "run", max_steps=2, packing=True, batch_size=1))
+    assert torch.isfinite(torch.tensor(summary["train/loss"]))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_the_same_curve(tiny_model, demos_file, tmp_path):
+    whole = config(tiny_model, demos_file, tmp_path / "whole", max_steps=6, save_every=2)
+    train(whole)
+    reference = [r["train/loss"] for r in read_metrics(tmp_path / "whole") if "train/loss" in r]
+
+    cut = config(tiny_model, demos_file, tmp_path / "cut", max_steps=6, save_every=2)
+
+    def kill_after_step_5(step, metrics):
+        if step == 5:
+            raise Killed  # dies after logging step 5; the last checkpoint is step 4
+
+    with pytest.raises(Killed):
+        train(cut, on_step=kill_after_step_5)
+    assert not (tmp_path / "cut" / "run.json").exists()
+    cut.resume = True
+    train(cut)
+    rows = [r for r in read_metrics(tmp_path / "cut") if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in rows] == pytest.approx(reference, abs=1e-6)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tmp_path):
+    from chatrlhf.config import LoraConfig
+
+    cfg = config(
+        tiny_model,
+        demos_file,
+        tmp_path / "lora",
+        max_steps=3,
+        lora=LoraConfig(rank=4, targets=["q_proj", "v_proj"]),
+    )
+    train(cfg)
+    before, after = weights(tiny_model), weights(tmp_path / "lora")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
