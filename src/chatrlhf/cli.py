@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from chatrlhf.config import PretrainConfig, SFTConfig, field_help, load_config
 from chatrlhf.demo import DemoConfig
 from chatrlhf.errors import UserError
+from chatrlhf.reward import RewardConfig, ScoreConfig
 
 
 def _sft(cfg):
@@ -30,6 +31,18 @@ def _pretrain(cfg):
     from chatrlhf.sft import pretrain
 
     pretrain(cfg)
+
+
+def _reward(cfg):
+    from chatrlhf.reward import train
+
+    train(cfg)
+
+
+def _score(cfg):
+    from chatrlhf.reward import score
+
+    score(cfg)
 
 
 def _demo(cfg):
@@ -49,6 +62,10 @@ COMMANDS = {
     "demo": Command(DemoConfig, _demo, "the whole pipeline on the default model with the built-in task"),
     "pretrain": Command(PretrainConfig, _pretrain, "causal-LM training on raw text (stage 0)"),
     "sft": Command(SFTConfig, _sft, "supervised fine-tuning on demonstrations (stage 1)"),
+    "reward": Command(
+        RewardConfig, _reward, "reward model from rankings, pairs, HH or OpenAssistant trees (stage 2)"
+    ),
+    "score": Command(ScoreConfig, _score, "print a reward model's scores of given answers"),
 }
 
 

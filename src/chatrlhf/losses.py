@@ -21,3 +21,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """All (winner, loser) index pairs of one prompt's K ranked responses; rank 1 is best, ties make no pair."""
+    return [
+        (i, j) if ranks[i] < ranks[j] else (j, i)
+        for i in range(len(ranks))
+        for j in range(i + 1, len(ranks))
+        if ranks[i] != ranks[j]
+    ]
+
+
+def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """InstructGPT eq. 1 for one prompt: mean over its ranked pairs of -log sigmoid(r_winner - r_loser).
+
+    rewards: (K,) one scalar per response; pairs: (P, 2) long, columns (winner, loser). Returns a scalar.
+    """
+    return -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).mean()

@@ -62,3 +62,34 @@ def tree_demonstrations(records: Sequence[Record]) -> list[Conversation]:
             f"{records[0].where if records else 'OpenAssistant file'}: no usable conversation in the trees"
         )
     return conversations
+
+
+def tree_rankings(records: Sequence[Record]):
+    """Every group of ranked, human-written sibling replies as one ranking of K answers.
+
+    The prompt is the conversation from the root down to the replies' parent (itself along usable messages).
+    """
+    from chatrlhf.preferences import Ranking
+
+    rankings = []
+
+    def walk(message: dict[str, Any], history: list[dict[str, str]], where: str) -> None:
+        history = history + [{"role": ROLE[message["role"]], "content": message["text"]}]
+        replies = [m for m in message.get("replies") or [] if usable(m)]
+        ranked = [m for m in replies if isinstance(m.get("rank"), int)]
+        if message["role"] == "prompter" and len({m["rank"] for m in ranked}) >= 2:
+            rankings.append(
+                Ranking(where, history, [m["text"] for m in ranked], [m["rank"] + 1 for m in ranked])
+            )
+        for reply in replies:
+            walk(reply, history, where)
+
+    for record in records:
+        root = _root(record)
+        if usable(root) and root["role"] == "prompter":
+            walk(root, [], record.where)
+    if not rankings:
+        raise DataError(
+            f"{records[0].where if records else 'OpenAssistant file'}: no ranked sibling replies in the trees"
+        )
+    return rankings

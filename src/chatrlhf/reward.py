@@ -1,0 +1,348 @@
+"""Stage 2, the reward model: a scalar score that agrees with people's rankings of K answers.
+
+    chatrlhf reward --config rm.yaml
+    chatrlhf score --model runs/x/reward --data pairs.jsonl
+
+The model is the transformer without its unembedding plus a scalar head, read at the answer's end-of-turn
+token (a Hugging Face `AutoModelForSequenceClassification` with one label, so any tool loads it). All C(K,2)
+pairs of one prompt form one batch element (InstructGPT eq. 1): each of the K answers is forwarded once and
+the loss is the mean of -log sigmoid(r_w - r_l) over that prompt's pairs; ties make no pair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from chatrlhf.chat import render
+from chatrlhf.config import TrainConfig, help_field
+from chatrlhf.data import DataError, load_demonstrations
+from chatrlhf.errors import UserError
+from chatrlhf.losses import ranking_loss, ranking_pairs
+from chatrlhf.models import (
+    apply_lora,
+    disable_dropout,
+    load_tokenizer,
+    match_tokenizer,
+    pick_device,
+    resolve_model,
+)
+from chatrlhf.preferences import Ranking, load_rankings
+from chatrlhf.runs import RunDir, data_lineage
+from chatrlhf.training import Stage, fit
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward model from rankings, pairs, Anthropic HH text or OpenAssistant trees."""
+
+    output_dir: str = help_field("runs/reward", "where the reward model, metrics and plots go")
+    batch_size: int = help_field(8, "prompts (each with all its K answers) per forward pass")
+    lr: float = help_field(1e-5, "peak learning rate")
+    epochs: float = help_field(1.0, "passes over the rankings; more than one overfits (InstructGPT)")
+    eval_fraction: float = help_field(0.1, "share of prompts held out for accuracy when data.eval is empty")
+    pairs_as_independent: bool = help_field(
+        False, "train on shuffled single pairs instead of one batch element per prompt (for comparison)"
+    )
+    normalize_with: str = help_field(
+        "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
+    )
+
+
+@dataclass
+class RankedItem:
+    """One prompt's K answers, tokenized, with the pairs their ranks make."""
+
+    sequences: list[list[int]]  # K x (T_k,) prompt + answer, ending at the answer's end-of-turn token
+    pairs: list[tuple[int, int]]  # (winner, loser) indices
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+
+def load_reward_model(name_or_path: str, tokenizer, device, init_head: bool = False):
+    """A one-label sequence-classification model; a new head is drawn from N(0, 1/sqrt(d+1))."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=1, dtype=torch.float32
+    )
+    match_tokenizer(model, tokenizer)
+    disable_dropout(model)
+    if init_head:
+        head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+        d = head.weight.shape[1]
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    return model.to(device)
+
+
+def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Scalar reward of each sequence, read at its last token. Returns (N,); right padding, masked."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return (
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
+    )
+
+
+def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
+    """Prompt + answer rendered by the shared renderer, cut after the answer's end-of-turn token."""
+    rendered = render(
+        tokenizer, prompt + [{"role": "assistant", "content": response}], system_prompt=system_prompt
+    )
+    last = max(i for i, m in enumerate(rendered.assistant_mask) if m)
+    return rendered.input_ids[: last + 1]
+
+
+def tokenize_rankings(
+    rankings: Sequence[Ranking], tokenizer, max_length: int, truncation: bool, system_prompt: str = ""
+) -> list[RankedItem]:
+    items, dropped = [], 0
+    for r in rankings:
+        seqs = [sequence_ids(tokenizer, r.prompt, resp, system_prompt) for resp in r.responses]
+        longest = max(len(s) for s in seqs)
+        if longest > max_length:
+            if not truncation:
+                raise DataError(
+                    f"{r.where}: field `responses`: {longest} tokens with the prompt, more than "
+                    f"data.max_length={max_length} (raise it, or set data.truncation: true to drop such records)"
+                )
+            dropped += 1
+            continue
+        items.append(RankedItem(seqs, ranking_pairs(r.ranks)))
+    if dropped:
+        print(f"warning: {dropped} ranking(s) longer than data.max_length dropped", file=sys.stderr)
+    return items
+
+
+def split_by_prompt(
+    rankings: list[Ranking], fraction: float, seed: int
+) -> tuple[list[Ranking], list[Ranking]]:
+    """Hold out a share of the prompts: every ranking of one prompt lands on the same side."""
+    groups: dict[str, list[Ranking]] = defaultdict(list)
+    for r in rankings:
+        groups[json.dumps(r.prompt, sort_keys=True)].append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_eval = round(len(keys) * fraction) if fraction > 0 else 0
+    if fraction > 0 and len(keys) > 1:
+        n_eval = min(max(n_eval, 1), len(keys) - 1)
+    held = set(keys[:n_eval])
+    train = [r for k in keys if k not in held for r in groups[k]]
+    return train, [r for k in keys[:n_eval] for r in groups[k]]
+
+
+def independent_pairs(items: Sequence[RankedItem]) -> list[RankedItem]:
+    return [
+        RankedItem([item.sequences[w], item.sequences[loser]], [(0, 1)])
+        for item in items
+        for w, loser in item.pairs
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _pair_stats(
+    rewards: torch.Tensor, item_pairs: list[tuple[int, int]]
+) -> tuple[torch.Tensor, float, float]:
+    pairs = torch.tensor(item_pairs, dtype=torch.long, device=rewards.device)
+    diff = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).detach()
+    return pairs, float((diff > 0).sum()), float(diff.sum())
+
+
+def _reward_stage(tokenizer, device, lineage: dict) -> Stage:
+    pad_id = tokenizer.pad_token_id
+
+    def forward(model, items: Sequence[RankedItem]) -> list[torch.Tensor]:
+        rewards = reward_scores(model, [s for item in items for s in item.sequences], pad_id, device)
+        return list(torch.split(rewards, [len(item.sequences) for item in items]))
+
+    def loss(model, items, step_weight):
+        total = torch.zeros((), device=device)
+        stats = {"loss": 0.0, "pairs": 0.0, "correct": 0.0, "margin": 0.0, "prompts": float(len(items))}
+        for item, rewards in zip(items, forward(model, items)):
+            pairs, correct, margin = _pair_stats(rewards, item.pairs)
+            item_loss = ranking_loss(rewards, pairs)
+            total = total + item_loss
+            stats["loss"] += item_loss.item()
+            stats["pairs"] += len(item.pairs)
+            stats["correct"] += correct
+            stats["margin"] += margin
+        return total / step_weight, stats
+
+    def summarize(s):
+        return {
+            "rm/loss": s["loss"] / s["prompts"],
+            "rm/train_accuracy": s["correct"] / s["pairs"],
+            "rm/train_margin": s["margin"] / s["pairs"],
+            "train/pairs": s["pairs"],
+        }
+
+    def evaluate(model, items):
+        by_k: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        correct = pairs = margin = loss_sum = 0.0
+        for i in range(0, len(items), 8):
+            batch = items[i : i + 8]
+            for item, rewards in zip(batch, forward(model, batch)):
+                p, c, m = _pair_stats(rewards, item.pairs)
+                loss_sum += ranking_loss(rewards, p).item()
+                correct, pairs, margin = correct + c, pairs + len(item.pairs), margin + m
+                by_k[len(item.sequences)][0] += c
+                by_k[len(item.sequences)][1] += len(item.pairs)
+        out = {
+            "rm/accuracy": correct / pairs,
+            "rm/margin": margin / pairs,
+            "rm/eval_loss": loss_sum / len(items),
+        }
+        out.update({f"rm/accuracy_k{k}": c / n for k, (c, n) in sorted(by_k.items())})
+        return out
+
+    def export(model, folder: Path):
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return Stage(
+        name="reward",
+        loss=loss,
+        weight=lambda item: 1.0,  # one batch element per prompt, whatever its K
+        length=lambda item: max(len(s) for s in item.sequences) * len(item.sequences),
+        summarize=summarize,
+        evaluate=evaluate,
+        export=export,
+        plots=["rm/loss", "rm/train_accuracy", "rm/accuracy", "rm/margin"],
+        lineage=lineage,
+    )
+
+
+def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
+    """Train a reward model; every record is validated before anything is written."""
+    if not cfg.data.train:
+        raise UserError("data.train: no rankings named (rankings, pairs, HH or OpenAssistant file)")
+    RunDir(cfg.output_dir).check_writable(cfg.resume, cfg.overwrite)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    d = cfg.data
+    rankings = load_rankings(d.train, d.format)
+    if d.eval:
+        train_rankings, eval_rankings = rankings, load_rankings(d.eval, d.format)
+    else:
+        train_rankings, eval_rankings = split_by_prompt(rankings, cfg.eval_fraction, cfg.seed)
+    reference = load_demonstrations(cfg.normalize_with) if cfg.normalize_with else []
+    train_items = tokenize_rankings(train_rankings, tokenizer, d.max_length, d.truncation, d.system_prompt)
+    eval_items = tokenize_rankings(eval_rankings, tokenizer, d.max_length, d.truncation, d.system_prompt)
+    if cfg.pairs_as_independent:
+        train_items = independent_pairs(train_items)
+
+    set_seed(cfg.seed)
+    device = pick_device()
+    model = load_reward_model(model_path, tokenizer, device, init_head=True)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+        for name, p in model.named_parameters():
+            p.requires_grad = p.requires_grad or name.split(".")[-2] == "score"  # the new head always trains
+    lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval, cfg.normalize_with)}
+    stage = _reward_stage(tokenizer, device, lineage)
+    if reference:
+        stage.export = _normalizing_export(stage.export, reference, tokenizer, cfg, device)
+    return fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
+
+
+def _normalizing_export(export, reference, tokenizer, cfg: RewardConfig, device):
+    """Before saving, store a bias that makes the demonstrations' answers score mean 0."""
+
+    def write(model, folder: Path):
+        seqs = [
+            sequence_ids(tokenizer, c.messages[:-1], c.messages[-1]["content"], cfg.data.system_prompt)
+            for c in reference
+        ]
+        model.eval()
+        with torch.no_grad():
+            scores = torch.cat(
+                [
+                    reward_scores(model, seqs[i : i + 8], tokenizer.pad_token_id, device)
+                    for i in range(0, len(seqs), 8)
+                ]
+            )
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.reward_bias = -float(scores.mean())
+        export(model, folder)
+
+    return write
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class ScoreConfig:
+    model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
+    data: str = help_field("", "rankings or pairs file whose answers are scored")
+    prompt: str = help_field("", "a single prompt to score (with --response)")
+    response: list[str] = help_field([], "answers to --prompt (repeat or comma-separate)")
+    batch_size: int = help_field(8, "sequences per forward pass")
+    max_length: int = help_field(2048, "longest sequence scored")
+
+
+def score_rankings(model_path: str, rankings: Sequence[Ranking], batch_size: int = 8) -> list[list[float]]:
+    """Reward of every answer of every ranking (the stored normalisation bias added)."""
+    tokenizer = load_tokenizer(model_path)
+    device = pick_device()
+    model = load_reward_model(model_path, tokenizer, device).eval()
+    bias = float(getattr(model.config, "reward_bias", 0.0) or 0.0)
+    seqs = [sequence_ids(tokenizer, r.prompt, resp) for r in rankings for resp in r.responses]
+    with torch.no_grad():
+        flat = [
+            float(x) + bias
+            for i in range(0, len(seqs), batch_size)
+            for x in reward_scores(model, seqs[i : i + batch_size], tokenizer.pad_token_id, device)
+        ]
+    out, at = [], 0
+    for r in rankings:
+        out.append(flat[at : at + len(r.responses)])
+        at += len(r.responses)
+    return out
+
+
+def score(cfg: ScoreConfig) -> list[list[float]]:
+    """`chatrlhf score`: print one JSON line per prompt with the reward of each answer."""
+    if not cfg.model:
+        raise UserError("model: name the reward model checkpoint to score with")
+    if cfg.data:
+        rankings = load_rankings(cfg.data)
+    elif cfg.prompt and cfg.response:
+        rankings = [
+            Ranking(
+                "command line",
+                [{"role": "user", "content": cfg.prompt}],
+                cfg.response,
+                [1] * len(cfg.response),
+            )
+        ]
+    else:
+        raise UserError("give --data FILE, or --prompt TEXT with one or more --response TEXT")
+    results = score_rankings(resolve_model(cfg.model), rankings, cfg.batch_size)
+    for r, scores in zip(rankings, results):
+        print(json.dumps({"prompt": r.prompt[-1]["content"], "responses": r.responses, "scores": scores}))
+    return results

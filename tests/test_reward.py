@@ -1,0 +1,268 @@
+"""The reward model: pair expansion, the K-way loss, padding, learning a preference, export, formats."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SHARED_DATA, write_jsonl
+from transformers import AutoModelForSequenceClassification
+
+from chatrlhf.config import DataConfig
+from chatrlhf.data import DataError
+from chatrlhf.losses import ranking_loss, ranking_pairs
+from chatrlhf.preferences import Ranking, check_ranking, load_rankings
+from chatrlhf.reward import (
+    RankedItem,
+    RewardConfig,
+    _reward_stage,
+    load_reward_model,
+    reward_scores,
+    sequence_ids,
+    split_by_prompt,
+    train,
+)
+
+
+def test_pairs_from_ranks_with_ties():
+    assert sorted(ranking_pairs([1, 2, 2, 3])) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
+    assert ranking_pairs([3, 1]) == [(1, 0)]
+    with pytest.raises(DataError, match="all answers tie"):
+        check_ranking(Ranking("f.jsonl:1", [{"role": "user", "content": "q"}], ["a", "b"], [1, 1]))
+
+
+def test_kway_loss_is_mean_of_pairwise_losses_with_k_forwards(tiny_model, tokenizer):
+    model = load_reward_model(tiny_model, tokenizer, "cpu", init_head=True)
+    prompt = [{"role": "user", "content": "Pick a fruit."}]
+    answers = ["Apple.", "A ripe banana.", "Cherry, I think.", "None."]
+    ranks = [2, 1, 3, 3]
+    item = RankedItem([sequence_ids(tokenizer, prompt, a) for a in answers], ranking_pairs(ranks))
+    rows_forwarded = []
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: rows_forwarded.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    stage = _reward_stage(tokenizer, "cpu", {})
+    loss, stats = stage.loss(model, [item], 1.0)
+    hook.remove()
+    assert rows_forwarded == [4]  # each answer once, not twice per pair
+    one_by_one = []
+    for w, loser in item.pairs:
+        r = reward_scores(model, [item.sequences[w], item.sequences[loser]], tokenizer.pad_token_id, "cpu")
+        one_by_one.append(-torch.nn.functional.logsigmoid(r[0] - r[1]))
+    assert len(one_by_one) == 5
+    assert loss.item() == pytest.approx(torch.stack(one_by_one).mean().item(), abs=1e-5)
+    assert stats["pairs"] == 5
+
+
+def test_ranking_loss_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, -1.0])
+    pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
+    expected = (
+        torch.log1p(torch.exp(torch.tensor(-1.0))) * 2 + torch.log1p(torch.exp(torch.tensor(-2.0)))
+    ) / 3
+    assert ranking_loss(rewards, pairs).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_score_unchanged_by_padding_on_either_side(tiny_model, tokenizer):
+    model = load_reward_model(tiny_model, tokenizer, "cpu", init_head=True).eval()
+    prompt = [{"role": "user", "content": "Hello"}]
+    short, long = (
+        sequence_ids(tokenizer, prompt, "Hi."),
+        sequence_ids(tokenizer, prompt, "Hello there, how are you today?"),
+    )
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        alone = reward_scores(model, [short], pad, "cpu")[0]
+        right = reward_scores(model, [short, long], pad, "cpu")[0]
+        n = len(long) - len(short)
+        ids = torch.tensor([[pad] * n + short])
+        mask = torch.tensor([[0] * n + [1] * len(short)])
+        left = model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits[0, 0]
+    assert right.item() == pytest.approx(alone.item(), abs=1e-5)
+    assert left.item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+GOOD = ["great", "excellent", "wonderful", "superb", "lovely"]
+BAD = ["awful", "terrible", "dreadful", "horrid", "lousy"]
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """A learnable preference: the more positive words an answer has, the better it ranks."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.choice([2, 3, 4])
+        counts = rng.sample(range(4), k)
+        responses = [" ".join(rng.sample(GOOD, c) + rng.sample(BAD, 3 - min(c, 3))) for c in counts]
+        ranks = [sorted(counts, reverse=True).index(c) + 1 for c in counts]
+        rows.append({"prompt": f"Review number {i} of the film?", "responses": responses, "ranks": ranks})
+    return rows
+
+
+def test_learns_a_synthetic_preference(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(240, 0))
+    cfg = RewardConfig(
+        model=tiny_model,
+        data=DataConfig(train=data),
+        output_dir=str(tmp_path / "rm"),
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_fraction=0.2,
+        save_every=0,
+        dtype="fp32",
+    )
+    summary = train(cfg)
+    assert summary["rm/accuracy"] > 0.9
+    assert {"rm/accuracy_k2", "rm/accuracy_k3", "rm/accuracy_k4"} <= set(summary)
+
+
+def test_split_keeps_each_prompt_on_one_side():
+    p = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    rankings = [Ranking(f"f:{i}", p(f"q{i % 5}"), ["a", "b"], [1, 2]) for i in range(20)]
+    train_part, eval_part = split_by_prompt(rankings, 0.4, seed=1)
+    seen_train = {r.prompt[0]["content"] for r in train_part}
+    seen_eval = {r.prompt[0]["content"] for r in eval_part}
+    assert seen_eval and not seen_train & seen_eval and len(train_part) + len(eval_part) == 20
+
+
+def test_export_loads_in_transformers_and_matches_score_command(tiny_model, tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(24, 1))
+    demos = write_jsonl(
+        tmp_path / "demos.jsonl",
+        [{"prompt": "Review?", "completion": "great lovely"}, {"prompt": "Hi", "completion": "awful"}],
+    )
+    cfg = RewardConfig(
+        model=tiny_model,
+        data=DataConfig(train=data),
+        output_dir=str(tmp_path / "rm"),
+        max_steps=2,
+        lr=1e-3,
+        save_every=0,
+        normalize_with=demos,
+    )
+    train(cfg)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "Review?", "chosen": "great superb", "rejected": "awful"}]
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "chatrlhf", "score", "--model", cfg.output_dir, "--data", pairs],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    cli_scores = json.loads(result.stdout.strip().splitlines()[-1])["scores"]
+
+    plain = AutoModelForSequenceClassification.from_pretrained(cfg.output_dir).eval()
+    assert plain.config.num_labels == 1
+    bias = plain.config.reward_bias
+    prompt = [{"role": "user", "content": "Review?"}]
+    with torch.no_grad():
+        raw = [
+            plain(input_ids=torch.tensor([sequence_ids(tokenizer, prompt, a)])).logits[0, 0].item()
+            for a in ("great superb", "awful")
+        ]
+    assert cli_scores == pytest.approx([r + bias for r in raw], abs=1e-4)
+    # the bias centres the demonstrations' answers on 0
+    with torch.no_grad():
+        demo_scores = [
+            plain(input_ids=torch.tensor([sequence_ids(tokenizer, [{"role": "user", "content": q}], a)]))
+            .logits[0, 0]
+            .item()
+            + bias
+            for q, a in (("Review?", "great lovely"), ("Hi", "awful"))
+        ]
+    assert sum(demo_scores) / 2 == pytest.approx(0.0, abs=1e-4)
+
+
+def test_formats_pairs_hh_and_rankings_without_ranks(tmp_path):
+    rows = [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+        {
+            "prompt": [{"role": "user", "content": "Q2"}],
+            "chosen": [{"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "assistant", "content": "r"}],
+        },
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: A good one.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No.",
+        },
+        {"prompt": "Q4", "responses": ["best", "mid", "worst"]},
+    ]
+    r = load_rankings(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert [x.responses for x in r] == [
+        ["good", "bad"],
+        ["c", "r"],
+        ["A good one.", "No."],
+        ["best", "mid", "worst"],
+    ]
+    assert r[2].prompt == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Joke?"},
+    ]
+    assert r[3].ranks == [1, 2, 3]
+
+
+BAD_RECORDS = {
+    "wrong rank count": (
+        {"prompt": "q", "responses": ["a", "b", "c"], "ranks": [1, 2]},
+        "field `ranks` has 2 entries for 3",
+    ),
+    "empty response": (
+        {"prompt": "q", "responses": ["a", " "], "ranks": [1, 2]},
+        "field `responses[1]` is empty",
+    ),
+    "all tie": ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]}, "field `ranks`: all answers tie"),
+    "broken line": ('{"prompt": "q", "responses": ', "broken JSON"),
+    "one response": ({"prompt": "q", "responses": ["a"], "ranks": [1]}, "needs at least 2 answers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_ranking_records(tmp_path, tiny_model, case):
+    record, message = BAD_RECORDS[case]
+    good = {"prompt": "q", "responses": ["a", "b"], "ranks": [1, 2]}
+    data = write_jsonl(tmp_path / "r.jsonl", [good, record])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatrlhf",
+            "reward",
+            "--model",
+            tiny_model,
+            "--data.train",
+            data,
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and f"{data}:2:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_default_model_on_openassistant_rankings(tmp_path):
+    trees = SHARED_DATA / "openassistant-oasst-en100" / "en_100_tree.jsonl"
+    if not trees.is_file():
+        pytest.skip(f"shared data not found at {trees} (set CHATRLHF_SHARED_DATA)")
+    cfg = RewardConfig(
+        data=DataConfig(train=str(trees), max_length=320, truncation=True),
+        output_dir=str(tmp_path / "rm"),
+        max_steps=3,
+        batch_size=2,
+        eval_fraction=0.05,
+        save_every=0,
+    )
+    summary = train(cfg)
+    assert 0.0 <= summary["rm/accuracy"] <= 1.0 and summary["rm/loss"] > 0
+    print(f"OpenAssistant held-out pairwise accuracy after 2 steps: {summary['rm/accuracy']:.3f}")
