@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from chatrlhf.config import PretrainConfig, SFTConfig, field_help, load_config
 from chatrlhf.demo import DemoConfig
 from chatrlhf.errors import UserError
+from chatrlhf.ppo import PPOConfig
 from chatrlhf.reward import RewardConfig, ScoreConfig
 
 
@@ -45,6 +46,12 @@ def _score(cfg):
     score(cfg)
 
 
+def _ppo(cfg):
+    from chatrlhf.ppo import train
+
+    train(cfg)
+
+
 def _demo(cfg):
     from chatrlhf.demo import run
 
@@ -65,6 +72,7 @@ COMMANDS = {
     "reward": Command(
         RewardConfig, _reward, "reward model from rankings, pairs, HH or OpenAssistant trees (stage 2)"
     ),
+    "ppo": Command(PPOConfig, _ppo, "PPO against a reward model (stage 3)"),
     "score": Command(ScoreConfig, _score, "print a reward model's scores of given answers"),
 }
 

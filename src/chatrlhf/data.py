@@ -307,3 +307,22 @@ def chunk_stream(documents: Sequence[list[int]], max_length: int) -> list[Sample
         Sample(ids[i : i + max_length], [1] * len(ids[i : i + max_length]), positions[i : i + max_length])
         for i in range(0, len(ids), max_length)
     ]
+
+
+def load_prompts(source: str) -> list[Conversation]:
+    """Prompts for sampling and PPO: `{"prompt": str | messages}` or `{"messages": [...]}` ending in a user turn."""
+    conversations = []
+    for record in read_records(source):
+        data, where = record.data, record.where
+        if "messages" in data:
+            messages = check_messages(data["messages"], where, last_role="user")
+        elif isinstance(data.get("prompt"), list):
+            messages = check_messages(data["prompt"], where, "prompt", last_role="user")
+        elif "prompt" in data:
+            messages = [{"role": "user", "content": _text_field(data, "prompt", where)}]
+        else:
+            raise DataError(f"{where}: expected field `prompt` (text or messages) or `messages`")
+        conversations.append(Conversation(where, messages))
+    if not conversations:
+        raise DataError(f"{source}: no prompts")
+    return conversations

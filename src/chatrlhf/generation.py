@@ -1,11 +1,19 @@
-"""Text generation shared by sampling, evaluation, chat and serving: left-padded batches, KV cache, stop at EOS."""
+"""The one generation engine: PPO rollouts, sampling for labeling, evaluation, chat and serving use it.
+
+Prompts are left-padded into one batch, prefilled once, then decoded token by token over a KV cache with
+only the last position's logits computed. A sequence stops at EOS (kept as its last token); finished rows
+are filled with the pad token, which is distinct from EOS. The sampled tokens' log-probs (under the
+temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them) come back too.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from chatrlhf.chat import prompt_ids
 
@@ -15,43 +23,128 @@ class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0 is off
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, R) right-padded with pad; EOS kept where reached
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens, EOS included
+    logprobs: torch.Tensor  # (B, R) log-prob of each sampled token, 0 on padding
+    finished: torch.Tensor  # (B,) True where the response ended with EOS
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, whatever the left padding. (B, T)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _cache_argument(model) -> str:
+    """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompts: Sequence[list[int]], sampling: SamplingConfig) -> list[list[int]]:
-    """Continue each prompt (token ids) until EOS or max_new_tokens; returns the new ids, EOS excluded."""
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Continue each prompt (token ids) until EOS or max_new_tokens."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kwargs = {"do_sample": sampling.temperature > 0, "max_new_tokens": sampling.max_new_tokens}
-    if sampling.temperature > 0:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch = ids.shape[0]
+    cache = DynamicCache()
+    out = model(
         input_ids=ids,
-        attention_mask=attention,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
-    answers = []
-    for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        answers.append([t for t in row if t != pad])
-    return answers
+    next_pos = positions(mask)[:, -1:] + 1
+    attention = mask
+    tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
+    for _ in range(sampling.max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if sampling.temperature > 0:
+            logits = logits / sampling.temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            probs = _filter(logits, sampling.top_k, sampling.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            token = logits.argmax(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logprobs.append(
+            torch.where(alive, logp.gather(1, token[:, None])[:, 0], torch.zeros_like(logp[:, 0]))
+        )
+        alive = alive & (token != eos_id)
+        if not alive.any():
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, dim=1)
+    # a token is part of the response up to and including the first EOS
+    is_eos = (response == eos_id).long()
+    response_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
+    return Generation(ids, mask, response, response_mask, torch.stack(logprobs, 1) * response_mask, ~alive)
+
+
+def response_token_lists(gen: Generation, eos_id: int) -> list[list[int]]:
+    """Each response's ids without padding and without the final EOS."""
+    rows = []
+    for ids, m in zip(gen.response_ids.tolist(), gen.response_mask.tolist()):
+        row = [t for t, keep in zip(ids, m) if keep]
+        rows.append(row[:-1] if row and row[-1] == eos_id else row)
+    return rows
 
 
 def answer(
-    model, tokenizer, conversations: Sequence[list[dict]], sampling: SamplingConfig, system_prompt: str = ""
+    model,
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    sampling: SamplingConfig,
+    system_prompt: str = "",
+    generator: torch.Generator | None = None,
 ) -> list[str]:
     """The assistant's reply to each conversation (ending in a user turn), as text."""
     prompts = [prompt_ids(tokenizer, c, system_prompt) for c in conversations]
+    gen = generate(model, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
     return [
-        tokenizer.decode(a, skip_special_tokens=True)
-        for a in generate_ids(model, tokenizer, prompts, sampling)
+        tokenizer.decode(r, skip_special_tokens=True)
+        for r in response_token_lists(gen, tokenizer.eos_token_id)
     ]

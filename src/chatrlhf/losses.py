@@ -39,3 +39,111 @@ def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     rewards: (K,) one scalar per response; pairs: (P, 2) long, columns (winner, loser). Returns a scalar.
     """
     return -F.logsigmoid(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017; as used for RLHF by Ziegler et al. 2019 and InstructGPT)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean) over the entries where mask is 1.
+
+    values, mask: (B, T). Padding neither enters the statistics nor changes; returns (B, T).
+    """
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens' log-probs (Schulman's k1/k3).
+
+    logprobs, ref_logprobs: (B, T). k1 = log p - log q (unbiased, can be negative);
+    k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0). Returns (B, T).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """InstructGPT's per-token reward: -kl_coef * KL at every response token, plus the reward model's
+    score at the last one. scores: (B,); kl, response_mask: (B, T) with T >= 1. Returns (B, T)."""
+    rewards = -kl_coef * kl * response_mask
+    last = (response_mask.sum(1).long() - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded responses, vectorised.
+
+    rewards, values, mask: (B, T); the state after a response's last valid token is terminal (value 0).
+    A_t = sum_l (gamma*lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, computed as one product with
+    a (T, T) discount matrix. Returns (advantages, returns), each (B, T), zero on padding.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * torch.cat(
+        [mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1
+    )
+    deltas = (rewards + gamma * next_values - values) * mask
+    t = torch.arange(values.shape[1], device=values.device)
+    offset = (t[None, :] - t[:, None]).to(values.dtype)  # offset[s, u] = u - s
+    discount = torch.where(offset >= 0, (gamma * lam) ** offset.clamp(min=0), torch.zeros_like(offset))
+    advantages = deltas @ discount.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective, as a loss. All inputs (B, T); returns (loss, {clipfrac, approx_kl})."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2). Inputs (B, T); returns (loss, clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position. logits (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over valid entries; (B, T) inputs, scalar output."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1 - var_residual / var_returns.clamp(min=1e-8)

@@ -96,10 +96,10 @@ def micro_batches(items: Sequence[Any], batch_size: int, length: Callable[[Any],
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def make_optimizer(cfg: TrainConfig, model, steps: int):
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], steps: int):
+    """AdamW over `params` with warmup and the configured decay over `steps` optimizer steps."""
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
     # the fused kernel is ~3x faster than the per-tensor loop on CPU (measured: 0.08 s vs 0.27 s at 135M)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(
@@ -157,7 +157,7 @@ def fit(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     steps_per_epoch, steps = total_steps(cfg, len(train_items))
-    optimizer, scheduler = make_optimizer(cfg, model, steps)
+    optimizer, scheduler = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], steps)
 
     start = 0
     checkpoint = run.latest_checkpoint() if cfg.resume else None

@@ -1,0 +1,589 @@
+"""Stage 3, PPO: the policy answers prompts, the reward model scores the answers, PPO raises the score while a
+per-token KL penalty keeps the policy near the SFT model (InstructGPT section 3.5).
+
+    chatrlhf ppo --config ppo.yaml --max_steps 20
+
+Four models: the policy (from the SFT checkpoint), a frozen reference (the SFT model; with LoRA, the policy
+with its adapters disabled), a value model initialised from the reward model, and the reward model. Each
+step runs named phases, each timed: rollout (generation) -> score (reward, reference log-probs, values) ->
+make_experience (KL-shaped rewards, GAE, whitening; pure math) -> ppo_update (clipped policy and value
+losses, optional PPO-ptx) -> log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from transformers import set_seed
+
+from chatrlhf.chat import prompt_ids
+from chatrlhf.config import TrainConfig, help_field, to_dict
+from chatrlhf.data import DataError, chunk_stream, load_prompts, load_texts, tokenize_texts
+from chatrlhf.errors import UserError
+from chatrlhf.generation import Generation, SamplingConfig, generate, positions, response_token_lists
+from chatrlhf.losses import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    token_nll,
+    token_rewards,
+    value_loss,
+)
+from chatrlhf.models import (
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_dtype,
+    resolve_model,
+)
+from chatrlhf.reward import load_reward_model
+from chatrlhf.runs import MetricsLog, RunDir, data_lineage, plot_metrics
+from chatrlhf.sft import collate, target_logits
+from chatrlhf.training import autocast, check_config, make_optimizer, step_items
+
+RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO against a reward model; `data.train` is the prompts file, `max_steps` counts PPO steps."""
+
+    output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
+    reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
+    value_model: str = help_field("", "value model start; empty: the reward model (InstructGPT)")
+    batch_size: int = help_field(8, "prompts (rollouts) per PPO step")
+    lr: float = help_field(3e-6, "peak learning rate of policy and value")
+    warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
+    lr_scheduler: str = help_field("linear", "learning-rate decay: cosine | linear | constant")
+    save_every: int = help_field(20, "PPO steps between resumable checkpoints; 0 saves only at the end")
+    max_prompt_length: int = help_field(512, "longest prompt in tokens; a longer one stops the run")
+    max_new_tokens: int = help_field(64, "longest answer in tokens")
+    temperature: float = help_field(1.0, "sampling temperature, also used when log-probs are recomputed")
+    top_p: float = help_field(1.0, "nucleus sampling")
+    top_k: int = help_field(0, "top-k sampling; 0 is off")
+    ppo_epochs: int = help_field(4, "passes over each batch of rollouts")
+    minibatches: int = help_field(1, "optimizer steps per pass over the rollouts")
+    clip_range: float = help_field(0.2, "PPO ratio clip")
+    value_clip: float = help_field(0.2, "value-function clip around the rollout values")
+    vf_coef: float = help_field(0.1, "weight of the value loss")
+    gamma: float = help_field(1.0, "discount")
+    lam: float = help_field(0.95, "GAE lambda")
+    kl_coef: float = help_field(0.02, "beta, the per-token KL penalty weight (InstructGPT 0.02)")
+    kl_estimator: str = help_field("k1", "per-token KL estimator: k1 | k3")
+    target_kl: float = help_field(0.0, "adaptive beta toward this KL per answer (0 keeps beta fixed)")
+    kl_horizon: int = help_field(10000, "horizon of the adaptive KL controller, in episodes")
+    missing_eos_penalty: float = help_field(0.0, "subtracted from the score of answers cut at max_new_tokens")
+    reward_clip: float = help_field(0.0, "clip scores to [-c, c]; 0 is off")
+    whiten_rewards: bool = help_field(False, "whiten per-token rewards within the batch")
+    whiten_advantages: bool = help_field(True, "whiten advantages within the batch")
+    ptx_coef: float = help_field(0.0, "PPO-ptx: weight of the pretraining loss (InstructGPT 27.8)")
+    ptx_data: str = help_field("", "PPO-ptx text: {'text'} JSONL or .txt")
+    ptx_batch_size: int = help_field(4, "pretraining rows per optimizer step")
+    ptx_max_length: int = help_field(256, "tokens per pretraining row")
+    ema_decay: float = help_field(
+        0.0, "exponential moving average of the policy weights, exported instead; 0 is off"
+    )
+    sample_every: int = help_field(10, "steps between sample tables (samples.jsonl)")
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts, ready for the update."""
+
+    sequences: torch.Tensor  # (B, P+R) left-padded prompt, then the right-padded response
+    attention_mask: torch.Tensor  # (B, P+R)
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # (B, R) 1 on answer tokens, EOS included
+    logprobs: torch.Tensor  # (B, R) of the sampled tokens, when sampled
+    ref_logprobs: torch.Tensor  # (B, R) under the reference model
+    values: torch.Tensor  # (B, R) value before each answer token
+    scores: torch.Tensor  # (B,) reward-model score after penalties
+    kl: torch.Tensor  # (B, R) per-token KL estimate
+    rewards: torch.Tensor  # (B, R) KL-shaped per-token rewards
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+
+
+# --------------------------------------------------------------------------------------------------
+# model forwards
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits at the positions that predict each answer token. Returns (B, R, V) fp32."""
+    base = _base(model)
+    hidden = base.get_decoder()(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) for logits (B, R, V) and tokens (B, R). Returns (B, R)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+def _scalar_head_hidden(model, sequences, attention_mask) -> torch.Tensor:
+    base = _base(model)
+    backbone = getattr(base, base.base_model_prefix)
+    return backbone(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
+def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
+    """The value head at each state before an answer token. Returns (B, R) fp32."""
+    hidden = _scalar_head_hidden(value_model, sequences, attention_mask)
+    return _base(value_model).score(hidden[:, prompt_width - 1 : -1])[..., 0].float()
+
+
+def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
+    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
+    hidden = _scalar_head_hidden(reward_model, sequences, attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+    return _base(reward_model).score(picked)[:, 0].float()
+
+
+# --------------------------------------------------------------------------------------------------
+# the phases
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module
+    value: torch.nn.Module
+    reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
+    reward: torch.nn.Module | None  # None: a reward function is used
+    reward_bias: float = 0.0
+
+
+def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    models.policy.eval()
+    return generate(
+        models.policy, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+    )
+
+
+@torch.no_grad()
+def score(models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn) -> dict:
+    """Reward-model scores, reference log-probs and values of a batch of rollouts."""
+    sequences = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)
+    mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)
+    width = gen.prompt_ids.shape[1]
+    if models.reference is None:
+        with models.policy.disable_adapter():
+            ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature)
+    else:
+        ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature)
+    ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
+    del ref_logits
+    values = token_values(models.value, sequences, mask, width) * gen.response_mask
+    if reward_fn is not None:
+        ids = response_token_lists(gen, tokenizer.eos_token_id)
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        scores = torch.tensor(
+            reward_fn(conversations, texts, ids), dtype=torch.float32, device=sequences.device
+        )
+    else:
+        last = width + gen.response_mask.sum(1) - 1
+        scores = sequence_scores(models.reward, sequences, mask, last) + models.reward_bias
+    return {
+        "sequences": sequences,
+        "mask": mask,
+        "ref_logprobs": ref_logprobs,
+        "values": values,
+        "raw_scores": scores,
+    }
+
+
+def make_experience(gen: Generation, scored: dict, cfg: PPOConfig, kl_coef: float) -> Experience:
+    """KL-shaped per-token rewards, GAE advantages and returns: pure tensor math on the rollout."""
+    mask = gen.response_mask.float()
+    scores = scored["raw_scores"]
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~gen.finished).float()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    kl = kl_penalty(gen.logprobs, scored["ref_logprobs"], cfg.kl_estimator) * mask
+    rewards = token_rewards(scores, kl, kl_coef, mask)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, scored["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Experience(
+        sequences=scored["sequences"],
+        attention_mask=scored["mask"],
+        prompt_width=gen.prompt_ids.shape[1],
+        response_mask=gen.response_mask,
+        logprobs=gen.logprobs,
+        ref_logprobs=scored["ref_logprobs"],
+        values=scored["values"],
+        scores=scores,
+        kl=kl,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+    )
+
+
+def minibatch_loss(
+    models: Models, exp: Experience, idx: torch.Tensor, cfg: PPOConfig, ptx_rows=None, pad_id=0
+):
+    """PPO loss on the rollouts `idx` (+ ptx_coef * LM loss on `ptx_rows`). Returns (loss, stats)."""
+    seq, att, mask = exp.sequences[idx], exp.attention_mask[idx], exp.response_mask[idx].float()
+    logits = response_logits(models.policy, seq, att, exp.prompt_width, cfg.temperature)
+    response = seq[:, exp.prompt_width :]
+    logprobs = gather_logprobs(logits, response)
+    pg_loss, pg_stats = ppo_policy_loss(
+        logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip_range
+    )
+    values = token_values(models.value, seq, att, exp.prompt_width)
+    v_loss, v_clipfrac = value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+    loss = pg_loss + cfg.vf_coef * v_loss
+    stats = {
+        "ppo/policy_loss": pg_loss.item(),
+        "ppo/value_loss": v_loss.item(),
+        "ppo/clipfrac": pg_stats["clipfrac"].item(),
+        "ppo/approx_kl": pg_stats["approx_kl"].item(),
+        "ppo/value_clipfrac": v_clipfrac.item(),
+        "ppo/entropy": masked_mean(entropy_from_logits(logits.detach()), mask).item(),
+    }
+    if ptx_rows:
+        # InstructGPT's PPO-ptx: the pretraining gradient is accumulated with the PPO gradient
+        ptx_logits, ptx_targets = target_logits(models.policy, collate(ptx_rows, pad_id, seq.device))
+        ptx_loss = token_nll(ptx_logits, ptx_targets).mean()
+        loss = loss + cfg.ptx_coef * ptx_loss
+        stats["ppo/ptx_loss"] = ptx_loss.item()
+    return loss, stats
+
+
+def ppo_update(
+    models, exp: Experience, cfg: PPOConfig, optimizer, generator, ptx_sampler, pad_id, ema
+) -> dict:
+    models.policy.train()
+    models.value.train()
+    batch = exp.sequences.shape[0]
+    size = max(1, math.ceil(batch / cfg.minibatches))
+    sums: dict[str, float] = {}
+    updates = 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(batch, generator=generator).to(exp.sequences.device)
+        for start in range(0, batch, size):
+            ptx_rows = ptx_sampler() if ptx_sampler else None
+            loss, stats = minibatch_loss(models, exp, order[start : start + size], cfg, ptx_rows, pad_id)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(models.policy)
+            stats["ppo/grad_norm"] = float(norm)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            updates += 1
+    return {key: value / updates for key, value in sums.items()}
+
+
+class EMA:
+    """Exponential moving average of the trainable policy weights."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): move beta so the KL per answer tracks a target."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.value, self.target, self.horizon = cfg.kl_coef, cfg.target_kl, cfg.kl_horizon
+
+    def update(self, kl: float, episodes: int) -> None:
+        if self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.value *= 1.0 + error * episodes / self.horizon
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _check(cfg: PPOConfig, reward_fn) -> None:
+    check_config(cfg)
+    if reward_fn is None and not cfg.reward_model:
+        raise UserError("reward_model: name the reward model checkpoint (output_dir of `chatrlhf reward`)")
+    if cfg.temperature <= 0:
+        raise UserError("temperature: PPO samples its rollouts, so it must be positive")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise UserError(f"kl_estimator: {cfg.kl_estimator!r} is not k1 or k3")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise UserError("ptx_data: PPO-ptx (ptx_coef > 0) needs a text file to mix in")
+    if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1:
+        raise UserError("minibatches, ppo_epochs and max_new_tokens must be at least 1")
+
+
+def _same_vocabulary(path: str, tokenizer, policy_tokenizer, what: str) -> None:
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(
+            f"{what}: {path} uses a different tokenizer vocabulary than the policy; train it from the same SFT model"
+        )
+
+
+def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -> Models:
+    set_seed(cfg.seed)
+    policy = load_causal_lm(model_path, tokenizer, device)
+    reference = None
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora)
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
+    _same_vocabulary(value_path, load_tokenizer(value_path), tokenizer, "value_model")
+    value = load_reward_model(value_path, tokenizer, device)
+    if cfg.lora.enabled:
+        value = apply_lora(value, cfg.lora)
+        for name, p in value.named_parameters():
+            p.requires_grad = p.requires_grad or ".score." in name
+    reward, bias = None, 0.0
+    if reward_fn is None:
+        reward_path = resolve_model(cfg.reward_model)
+        _same_vocabulary(reward_path, load_tokenizer(reward_path), tokenizer, "reward_model")
+        reward = load_reward_model(reward_path, tokenizer, device).eval().requires_grad_(False)
+        bias = float(getattr(reward.config, "reward_bias", 0.0) or 0.0)
+    return Models(policy, value, reference, reward, bias)
+
+
+def _prompt_ids(cfg: PPOConfig, tokenizer) -> tuple[list, list[list[int]]]:
+    conversations = load_prompts(cfg.data.train)
+    ids = []
+    for conv in conversations:
+        tokens = prompt_ids(tokenizer, conv.messages, cfg.data.system_prompt)
+        if len(tokens) > cfg.max_prompt_length:
+            raise DataError(
+                f"{conv.where}: field `prompt`: {len(tokens)} tokens, more than max_prompt_length={cfg.max_prompt_length}"
+            )
+        ids.append(tokens)
+    return conversations, ids
+
+
+def _ptx_sampler(cfg: PPOConfig, tokenizer):
+    if cfg.ptx_coef <= 0:
+        return None
+    rows = chunk_stream(tokenize_texts(load_texts(cfg.ptx_data), tokenizer), cfg.ptx_max_length)
+    state = {"at": 0}
+
+    def next_rows():
+        picked = [rows[(state["at"] + i) % len(rows)] for i in range(cfg.ptx_batch_size)]
+        state["at"] += cfg.ptx_batch_size
+        return picked
+
+    return next_rows, state
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(folder: Path, models: Models, optimizer, scheduler, step, kl: AdaptiveKL, ema, ptx_state) -> None:
+    save_file(_trainable(models.policy), str(folder / "policy.safetensors"))
+    save_file(_trainable(models.value), str(folder / "value.safetensors"))
+    if ema is not None:
+        save_file({n: t.contiguous() for n, t in ema.shadow.items()}, str(folder / "ema.safetensors"))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "kl_coef": kl.value,
+    }
+    state["ptx_at"] = ptx_state["at"] if ptx_state else 0
+    torch.save(state, folder / "trainer_state.pt")
+
+
+def _load(folder: Path, models: Models, optimizer, scheduler, kl: AdaptiveKL, ema, ptx_state) -> int:
+    models.policy.load_state_dict(load_file(str(folder / "policy.safetensors")), strict=False)
+    models.value.load_state_dict(load_file(str(folder / "value.safetensors")), strict=False)
+    if ema is not None:
+        ema.shadow = load_file(str(folder / "ema.safetensors"))
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl.value = state["kl_coef"]
+    if ptx_state is not None:
+        ptx_state["at"] = state["ptx_at"]
+    return int(state["step"])
+
+
+@contextmanager
+def _timed(metrics: dict, name: str):
+    began = time.perf_counter()
+    yield
+    metrics[f"timing/{name}"] = time.perf_counter() - began
+
+
+def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> dict[str, float]:
+    """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model."""
+    _check(cfg, reward_fn)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    conversations, prompts = _prompt_ids(cfg, tokenizer)
+    ptx = _ptx_sampler(cfg, tokenizer)
+    ptx_sampler, ptx_state = ptx if ptx else (None, None)
+    device = pick_device()
+    models = _load_models(cfg, tokenizer, model_path, reward_fn, device)
+    dtype = resolve_dtype(cfg.dtype)
+    steps = (
+        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
+    )
+    params = [p for m in (models.policy, models.value) for p in m.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, params, steps)
+    kl_ctl = AdaptiveKL(cfg)
+    ema = EMA(models.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    run = RunDir(cfg.output_dir)
+    start = 0
+    checkpoint = run.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        start = _load(checkpoint, models, optimizer, scheduler, kl_ctl, ema, ptx_state)
+    run.start(overwrite=cfg.overwrite and not cfg.resume)
+    log = MetricsLog(run, cfg.report_to, resume_step=start)
+    console = Console(stderr=True)
+    summary: dict[str, float] = {}
+    columns = [TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console) as progress:
+        task = progress.add_task("ppo", total=steps, completed=start, info="")
+        for step in range(start, steps):
+            metrics: dict[str, float] = {}
+            began = time.perf_counter()
+            # every step's randomness comes from (seed, step), so a resumed run repeats it exactly
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + step)
+            picked = step_items(cfg, len(prompts), step)
+            batch_convs = [conversations[i].messages for i in picked]
+            with _timed(metrics, "rollout"), autocast(device, dtype):
+                gen = rollout(models, [prompts[i] for i in picked], cfg, tokenizer, generator)
+            with _timed(metrics, "score"), autocast(device, dtype):
+                scored = score(models, gen, cfg, batch_convs, tokenizer, reward_fn)
+            exp = make_experience(gen, scored, cfg, kl_ctl.value)
+            try:
+                with _timed(metrics, "update"), autocast(device, dtype):
+                    metrics.update(
+                        ppo_update(
+                            models, exp, cfg, optimizer, generator, ptx_sampler, tokenizer.pad_token_id, ema
+                        )
+                    )
+            except FloatingPointError:
+                last = run.latest_checkpoint()
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise UserError(
+                    f"ppo: a loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)"
+                ) from None
+            scheduler.step()
+            metrics.update(_rollout_metrics(exp, gen, kl_ctl.value))
+            kl_ctl.update(metrics["ppo/kl"], len(picked))
+            metrics["timing/step"] = time.perf_counter() - began
+            done = step + 1
+            log.log(done, metrics)
+            summary.update(metrics)
+            progress.update(
+                task, advance=1, info=f"reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.3f}"
+            )
+            if cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
+                _write_samples(run, done, batch_convs, gen, exp, tokenizer)
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                run.save_checkpoint(
+                    done,
+                    lambda f, s=done: _save(f, models, optimizer, scheduler, s, kl_ctl, ema, ptx_state),
+                    cfg.keep_checkpoints,
+                )
+            if on_step is not None:
+                on_step(done, metrics)
+    log.close()
+    plot_metrics(
+        run,
+        ["ppo/reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
+        "ppo_curves.png",
+        f"ppo: {cfg.output_dir}",
+    )
+    lineage = {
+        "parent": model_path,
+        "reward_model": cfg.reward_model or "reward function",
+        "data": data_lineage(cfg.data.train, cfg.ptx_data),
+    }
+    info = {"stage": "ppo", "config": to_dict(cfg), "lineage": lineage, "summary": summary}
+    run.export(lambda folder: _export(folder, models, tokenizer, ema), info)
+    return summary
+
+
+def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float) -> dict[str, float]:
+    mask = exp.response_mask.float()
+    return {
+        "ppo/reward": exp.scores.mean().item(),
+        "ppo/kl": (exp.kl * mask).sum(1).mean().item(),
+        "ppo/non_score_reward": (-kl_coef * exp.kl * mask).sum(1).mean().item(),
+        "ppo/kl_coef": kl_coef,
+        "ppo/response_length": mask.sum(1).mean().item(),
+        "ppo/eos_rate": gen.finished.float().mean().item(),
+        "ppo/explained_variance": explained_variance(exp.values, exp.returns, mask).item(),
+        "ppo/advantage_mean": masked_mean(exp.advantages, mask).item(),
+    }
+
+
+def _write_samples(run: RunDir, step: int, convs, gen: Generation, exp: Experience, tokenizer) -> None:
+    texts = [
+        tokenizer.decode(r, skip_special_tokens=True)
+        for r in response_token_lists(gen, tokenizer.eos_token_id)
+    ]
+    with open(run.path / "samples.jsonl", "a", encoding="utf-8") as f:
+        for conv, text, s in zip(convs, texts, exp.scores.tolist()):
+            f.write(
+                json.dumps({"step": step, "prompt": conv[-1]["content"], "response": text, "score": s}) + "\n"
+            )
+
+
+def _export(folder: Path, models: Models, tokenizer, ema) -> None:
+    policy = models.policy
+    if ema is not None:
+        policy.load_state_dict(ema.shadow, strict=False)
+    if hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    value = models.value.merge_and_unload() if hasattr(models.value, "merge_and_unload") else models.value
+    value.save_pretrained(folder / "value")

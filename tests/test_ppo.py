@@ -1,0 +1,302 @@
+"""PPO end to end on tiny models: log-probs under padding, learning a rule reward, resume, PPO-ptx, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_tiny_model, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from chatrlhf.config import DataConfig
+from chatrlhf.generation import SamplingConfig, generate
+from chatrlhf.models import load_causal_lm
+from chatrlhf.ppo import (
+    PPOConfig,
+    gather_logprobs,
+    make_experience,
+    minibatch_loss,
+    response_logits,
+    rollout,
+    score,
+    train,
+)
+from chatrlhf.reward import load_reward_model
+from chatrlhf.runs import read_metrics
+
+PROMPTS = [
+    {"prompt": p}
+    for p in [
+        "Hi",
+        "Tell me a story about a cat.",
+        "Why is the sky blue? Explain.",
+        "Count to 3.",
+        "Name a fruit",
+        "What is 2+2?",
+        "Say hello",
+        "Good morning!",
+    ]
+]
+
+
+def low_half_reward(vocab: int):
+    """Rule reward: the share of answer tokens from the lower half of the vocabulary."""
+    return lambda prompts, texts, ids: [sum(t < vocab // 2 for t in r) / max(len(r), 1) for r in ids]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+
+
+def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
+    base = dict(
+        model=tiny_model,
+        value_model=tiny_model,
+        data=DataConfig(train=prompts_file),
+        output_dir=str(out),
+        batch_size=8,
+        max_new_tokens=8,
+        lr=3e-3,
+        ppo_epochs=2,
+        minibatches=2,
+        save_every=0,
+        sample_every=5,
+        dtype="fp32",
+    )
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_left_padded_logprobs_equal_each_sequence_alone(tiny_model, tokenizer):
+    model = load_causal_lm(tiny_model, tokenizer).eval()
+    prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS[:3]]
+    gen = generate(
+        model,
+        prompts,
+        SamplingConfig(max_new_tokens=6, temperature=1.0),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        torch.Generator().manual_seed(0),
+    )
+    seq = torch.cat([gen.prompt_ids, gen.response_ids], 1)
+    mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    width = gen.prompt_ids.shape[1]
+    with torch.no_grad():
+        batched = (
+            gather_logprobs(response_logits(model, seq, mask, width, 1.0), gen.response_ids)
+            * gen.response_mask
+        )
+        assert torch.allclose(batched, gen.logprobs, atol=1e-4)  # the sampler's log-probs agree
+        for b, p in enumerate(prompts):
+            n = int(gen.response_mask[b].sum())
+            alone = torch.tensor([p + gen.response_ids[b, :n].tolist()])
+            lp = gather_logprobs(
+                response_logits(model, alone, torch.ones_like(alone), len(p), 1.0), alone[:, len(p) :]
+            )
+            assert torch.allclose(lp[0], batched[b, :n], atol=1e-4)
+
+
+def test_reward_rises_and_the_right_parameters_change(tiny_model, tokenizer, prompts_file, tmp_path):
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "ppo", max_steps=16, top_k=10)
+    train(cfg, reward_fn=low_half_reward(len(tokenizer)))
+    rows = [r for r in read_metrics(cfg.output_dir) if "ppo/reward" in r]
+    rewards = [r["ppo/reward"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert all(torch.isfinite(torch.tensor([r["ppo/kl"] for r in rows])))
+    assert {
+        "ppo/entropy",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+        "ppo/explained_variance",
+        "ppo/eos_rate",
+        "timing/rollout",
+        "timing/score",
+        "timing/update",
+    } <= set(rows[-1])
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(cfg.output_dir).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    value_before = load_reward_model(tiny_model, tokenizer, "cpu").state_dict()
+    value_after = load_reward_model(f"{cfg.output_dir}/value", tokenizer, "cpu").state_dict()
+    assert any(not torch.equal(value_before[k], value_after[k]) for k in value_before if "score" not in k)
+    assert (tmp_path / "ppo" / "ppo_curves.png").is_file() and (tmp_path / "ppo" / "samples.jsonl").is_file()
+
+
+def test_reference_stays_frozen(tiny_model, tokenizer, prompts_file, tmp_path):
+    from chatrlhf.ppo import _load_models
+
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x")
+    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    assert not any(p.requires_grad for p in models.reference.parameters())
+    assert models.reference is not models.policy
+
+
+def _experience(tiny_model, tokenizer, prompts_file, tmp_path, **kw):
+    from chatrlhf.ppo import _load_models
+
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", **kw)
+    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS]
+    gen = rollout(models, prompts, cfg, tokenizer, torch.Generator().manual_seed(0))
+    scored = score(
+        models,
+        gen,
+        cfg,
+        [[{"role": "user", "content": p["prompt"]}] for p in PROMPTS],
+        tokenizer,
+        low_half_reward(len(tokenizer)),
+    )
+    return cfg, models, make_experience(gen, scored, cfg, cfg.kl_coef)
+
+
+def test_ptx_gradient_adds_coef_times_the_lm_gradient(tiny_model, tokenizer, prompts_file, tmp_path):
+    from chatrlhf.data import chunk_stream
+
+    cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path)
+    rows = chunk_stream([tokenizer("plain pretraining text about cats and dogs " * 4)["input_ids"]], 32)
+    idx = torch.arange(8)
+
+    def grads(coef, ptx_rows):
+        models.policy.zero_grad()
+        cfg.ptx_coef = coef
+        loss, _ = minibatch_loss(models, exp, idx, cfg, ptx_rows, tokenizer.pad_token_id)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in models.policy.parameters()])
+
+    no_ptx = grads(0.0, None)
+    zero_coef = grads(0.0, rows)
+    with_ptx = grads(2.0, rows)
+    assert torch.allclose(no_ptx, zero_coef, atol=1e-7)  # gamma = 0 is no ptx
+    from chatrlhf.losses import token_nll
+    from chatrlhf.sft import collate, target_logits
+
+    models.policy.zero_grad()
+    token_nll(*target_logits(models.policy, collate(rows, tokenizer.pad_token_id, "cpu"))).mean().backward()
+    lm = torch.cat([p.grad.flatten() for p in models.policy.parameters()])
+    assert torch.allclose(with_ptx, no_ptx + 2.0 * lm, atol=1e-5)
+    assert not torch.allclose(with_ptx, no_ptx)
+
+
+def test_resume_gives_identical_metrics(tiny_model, tokenizer, prompts_file, tmp_path):
+    reward = low_half_reward(len(tokenizer))
+    whole = ppo_config(tiny_model, prompts_file, tmp_path / "whole", max_steps=4, save_every=2, batch_size=4)
+    train(whole, reward_fn=reward)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 3:
+            raise Killed
+
+    cut = ppo_config(tiny_model, prompts_file, tmp_path / "cut", max_steps=4, save_every=2, batch_size=4)
+    with pytest.raises(Killed):
+        train(cut, reward_fn=reward, on_step=kill)
+    cut.resume = True
+    train(cut, reward_fn=reward)
+    keys = ["ppo/reward", "ppo/kl", "ppo/value_loss", "ppo/policy_loss"]
+    a = [[r[k] for k in keys] for r in read_metrics(whole.output_dir) if "ppo/reward" in r]
+    b = [[r[k] for k in keys] for r in read_metrics(cut.output_dir) if "ppo/reward" in r]
+    assert len(a) == len(b) == 4
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_ppo_command_with_a_reward_model(tmp_path, tokenizer, prompts_file):
+    policy = make_tiny_model(tmp_path / "policy", tokenizer, seed=1)
+    rm = make_tiny_model(tmp_path / "rm", tokenizer, seed=2)  # a causal LM: the scalar head starts random
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatrlhf",
+            "ppo",
+            "--model",
+            policy,
+            "--reward_model",
+            rm,
+            "--data.train",
+            prompts_file,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "6",
+            "--kl_estimator",
+            "k3",
+            "--target_kl",
+            "1.0",
+            "--missing_eos_penalty",
+            "1.0",
+            "--ema_decay",
+            "0.9",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["ppo/kl_coef"] != rows[0]["ppo/kl_coef"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+
+def test_ppo_input_errors(tmp_path, tiny_model, tokenizer):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi"}, {"prompt": "word " * 300}])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatrlhf",
+            "ppo",
+            "--model",
+            tiny_model,
+            "--reward_model",
+            tiny_model,
+            "--data.train",
+            long,
+            "--max_prompt_length",
+            "64",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 2
+        and f"{long}:2: field `prompt`" in result.stderr
+        and "max_prompt_length=64" in result.stderr
+    )
+    assert not (tmp_path / "o").exists()
+    other = tokenizer.__class__.from_pretrained(tiny_model)
+    other.add_tokens(["<extra_token>"])
+    foreign = tmp_path / "foreign"
+    make_tiny_model(foreign, other)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatrlhf",
+            "ppo",
+            "--model",
+            tiny_model,
+            "--reward_model",
+            str(foreign),
+            "--data.train",
+            prompts,
+            "--output_dir",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "different tokenizer vocabulary" in result.stderr
+    assert not (tmp_path / "o2").exists()
