@@ -24,6 +24,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 is off
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
 
 
 @dataclass
@@ -91,14 +92,15 @@ def generate(
     attention = mask
     tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
     for _ in range(sampling.max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float() / (sampling.temperature or 1.0)
+        # log-probs of the model's own distribution, as PPO's training forward recomputes them
+        logp = torch.log_softmax(logits, dim=-1)
+        if len(tokens) < sampling.min_new_tokens:
+            logits[:, eos_id] = float("-inf")
         if sampling.temperature > 0:
-            logits = logits / sampling.temperature
-            logp = torch.log_softmax(logits, dim=-1)
             probs = _filter(logits, sampling.top_k, sampling.top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
-            logp = torch.log_softmax(logits, dim=-1)
             token = logits.argmax(-1)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)

@@ -77,6 +77,7 @@ class PPOConfig(TrainConfig):
     temperature: float = help_field(1.0, "sampling temperature, also used when log-probs are recomputed")
     top_p: float = help_field(1.0, "nucleus sampling")
     top_k: int = help_field(0, "top-k sampling; 0 is off")
+    min_new_tokens: int = help_field(0, "EOS is suppressed until an answer has this many tokens")
     ppo_epochs: int = help_field(4, "passes over each batch of rollouts")
     minibatches: int = help_field(1, "optimizer steps per pass over the rollouts")
     clip_range: float = help_field(0.2, "PPO ratio clip")
@@ -183,7 +184,7 @@ class Models:
 
 
 def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_new_tokens)
     models.policy.eval()
     return generate(
         models.policy, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
