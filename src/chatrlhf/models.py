@@ -155,5 +155,14 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, peft_config)
 
 
+def save_model(model, folder: Path, tokenizer=None) -> None:
+    """Save as a plain transformers checkpoint (LoRA adapters merged in), with the tokenizer when given."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

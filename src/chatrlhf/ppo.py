@@ -51,11 +51,19 @@ from chatrlhf.models import (
     pick_device,
     resolve_dtype,
     resolve_model,
+    save_model,
 )
 from chatrlhf.reward import load_reward_model
 from chatrlhf.runs import MetricsLog, RunDir, data_lineage, plot_metrics
 from chatrlhf.sft import collate, target_logits
-from chatrlhf.training import autocast, check_config, make_optimizer, step_items
+from chatrlhf.training import (
+    autocast,
+    check_config,
+    load_resumable,
+    make_optimizer,
+    save_resumable,
+    step_items,
+)
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
 
@@ -419,33 +427,18 @@ def _ptx_sampler(cfg: PPOConfig, tokenizer):
     return next_rows, state
 
 
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _save(folder: Path, models: Models, optimizer, scheduler, step, kl: AdaptiveKL, ema, ptx_state) -> None:
-    save_file(_trainable(models.policy), str(folder / "policy.safetensors"))
-    save_file(_trainable(models.value), str(folder / "value.safetensors"))
     if ema is not None:
         save_file({n: t.contiguous() for n, t in ema.shadow.items()}, str(folder / "ema.safetensors"))
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "kl_coef": kl.value,
-    }
-    state["ptx_at"] = ptx_state["at"] if ptx_state else 0
-    torch.save(state, folder / "trainer_state.pt")
+    ptx_at = ptx_state["at"] if ptx_state else 0
+    named = {"policy": models.policy, "value": models.value}
+    save_resumable(folder, named, optimizer, scheduler, step, kl_coef=kl.value, ptx_at=ptx_at)
 
 
 def _load(folder: Path, models: Models, optimizer, scheduler, kl: AdaptiveKL, ema, ptx_state) -> int:
-    models.policy.load_state_dict(load_file(str(folder / "policy.safetensors")), strict=False)
-    models.value.load_state_dict(load_file(str(folder / "value.safetensors")), strict=False)
+    state = load_resumable(folder, {"policy": models.policy, "value": models.value}, optimizer, scheduler)
     if ema is not None:
         ema.shadow = load_file(str(folder / "ema.safetensors"))
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     kl.value = state["kl_coef"]
     if ptx_state is not None:
         ptx_state["at"] = state["ptx_at"]
@@ -579,12 +572,7 @@ def _write_samples(run: RunDir, step: int, convs, gen: Generation, exp: Experien
 
 
 def _export(folder: Path, models: Models, tokenizer, ema) -> None:
-    policy = models.policy
     if ema is not None:
-        policy.load_state_dict(ema.shadow, strict=False)
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
-    policy.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    value = models.value.merge_and_unload() if hasattr(models.value, "merge_and_unload") else models.value
-    value.save_pretrained(folder / "value")
+        models.policy.load_state_dict(ema.shadow, strict=False)
+    save_model(models.policy, folder, tokenizer)
+    save_model(models.value, folder / "value")

@@ -35,6 +35,7 @@ from chatrlhf.models import (
     match_tokenizer,
     pick_device,
     resolve_model,
+    save_model,
 )
 from chatrlhf.preferences import Ranking, load_rankings
 from chatrlhf.runs import data_lineage
@@ -216,12 +217,6 @@ def _reward_stage(tokenizer, device, lineage: dict) -> Stage:
         out.update({f"rm/accuracy_k{k}": c / n for k, (c, n) in sorted(by_k.items())})
         return out
 
-    def export(model, folder: Path):
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
     return Stage(
         name="reward",
         loss=loss,
@@ -229,7 +224,7 @@ def _reward_stage(tokenizer, device, lineage: dict) -> Stage:
         length=lambda item: max(len(s) for s in item.sequences) * len(item.sequences),
         summarize=summarize,
         evaluate=evaluate,
-        export=export,
+        export=lambda model, folder: save_model(model, folder, tokenizer),
         plots=["rm/loss", "rm/train_accuracy", "rm/accuracy", "rm/margin"],
         lineage=lineage,
     )

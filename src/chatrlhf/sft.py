@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import set_seed
@@ -27,7 +26,7 @@ from chatrlhf.data import (
     tokenize_texts,
 )
 from chatrlhf.losses import token_nll
-from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, pick_device, resolve_model
+from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, pick_device, resolve_model, save_model
 from chatrlhf.runs import data_lineage
 from chatrlhf.training import Stage, check_config, fit
 
@@ -96,12 +95,6 @@ def _lm_stage(name: str, tokenizer, device, lineage: dict, plots: list[str]) -> 
         mean = nll_sum / max(count, 1)
         return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
 
-    def export(model, folder: Path):
-        if hasattr(model, "merge_and_unload"):  # LoRA: merge so plain transformers loads one model
-            model = model.merge_and_unload()
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
     return Stage(
         name=name,
         loss=loss,
@@ -109,7 +102,7 @@ def _lm_stage(name: str, tokenizer, device, lineage: dict, plots: list[str]) -> 
         length=lambda s: len(s.input_ids),
         summarize=summarize,
         evaluate=evaluate,
-        export=export,
+        export=lambda model, folder: save_model(model, folder, tokenizer),
         plots=plots,
         lineage=lineage,
     )

@@ -117,28 +117,37 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_resumable(folder: Path, model, optimizer, scheduler, step: int) -> None:
-    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+def save_resumable(
+    folder: Path, models: dict[str, Any], optimizer, scheduler, step: int, **extra: Any
+) -> None:
+    """Trainable weights of each named model, optimizer, scheduler, RNG and `extra` state, into `folder`."""
+    for name, model in models.items():
+        save_file(trainable_state(model), str(folder / f"{name}.safetensors"))
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        **extra,
     }
     torch.save(state, folder / "trainer_state.pt")
 
 
-def load_resumable(folder: Path, model, optimizer, scheduler) -> int:
-    weights = load_file(str(folder / "trainable.safetensors"))
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise UserError(f"{folder}: checkpoint does not match this model ({len(missing)} parameters missing)")
-    model.load_state_dict(weights, strict=False)
+def load_resumable(folder: Path, models: dict[str, Any], optimizer, scheduler) -> dict[str, Any]:
+    """Restore what `save_resumable` wrote; returns the saved state (`step` and the extras)."""
+    for name, model in models.items():
+        weights = load_file(str(folder / f"{name}.safetensors"))
+        missing = set(trainable_state(model)) - set(weights)
+        if missing:
+            raise UserError(
+                f"{folder}: checkpoint does not match the {name} model ({len(missing)} parameters missing)"
+            )
+        model.load_state_dict(weights, strict=False)
     state = torch.load(folder / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    return state
 
 
 def fit(
@@ -162,7 +171,7 @@ def fit(
     start = 0
     checkpoint = run.latest_checkpoint() if cfg.resume else None
     if checkpoint is not None:
-        start = load_resumable(checkpoint, model, optimizer, scheduler)
+        start = load_resumable(checkpoint, {"model": model}, optimizer, scheduler)["step"]
     run.start(overwrite=cfg.overwrite and not cfg.resume)
     log = MetricsLog(run, cfg.report_to, resume_step=start)
 
@@ -220,7 +229,9 @@ def fit(
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 run.save_checkpoint(
                     done,
-                    lambda folder, step=done: save_resumable(folder, model, optimizer, scheduler, step),
+                    lambda folder, step=done: save_resumable(
+                        folder, {"model": model}, optimizer, scheduler, step
+                    ),
                     cfg.keep_checkpoints,
                 )
             if on_step is not None:
