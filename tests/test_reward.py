@@ -42,13 +42,13 @@ def test_kway_loss_is_mean_of_pairwise_losses_with_k_forwards(tiny_model, tokeni
     ranks = [2, 1, 3, 3]
     item = RankedItem([sequence_ids(tokenizer, prompt, a) for a in answers], ranking_pairs(ranks))
     rows_forwarded = []
-    hook = model.register_forward_hook(
+    hook = model.model.register_forward_hook(
         lambda m, args, kwargs, out: rows_forwarded.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     stage = _reward_stage(tokenizer, "cpu", {})
     loss, stats = stage.loss(model, [item], 1.0)
     hook.remove()
-    assert rows_forwarded == [4]  # each answer once, not twice per pair
+    assert rows_forwarded == [1, 4]  # the shared prompt once, then each answer once; not twice per pair
     one_by_one = []
     for w, loser in item.pairs:
         r = reward_scores(model, [item.sequences[w], item.sequences[loser]], tokenizer.pad_token_id, "cpu")
@@ -266,3 +266,22 @@ def test_default_model_on_openassistant_rankings(tmp_path):
     summary = train(cfg)
     assert 0.0 <= summary["rm/accuracy"] <= 1.0 and summary["rm/loss"] > 0
     print(f"OpenAssistant held-out pairwise accuracy after 2 steps: {summary['rm/accuracy']:.3f}")
+
+
+def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer):
+    """Forwarding the prompt once gives the same rewards and the same gradients as K full sequences."""
+    from chatrlhf.reward import shared_prompt_scores
+
+    prompt = [{"role": "user", "content": "Which is best?"}]
+    seqs = [sequence_ids(tokenizer, prompt, a) for a in ("One.", "Two is a longer answer.", "Three, three.")]
+    pad = tokenizer.pad_token_id
+    grads = []
+    for score_fn in (reward_scores, shared_prompt_scores):
+        model = load_reward_model(tiny_model, tokenizer, "cpu", init_head=False)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.score.weight)
+        rewards = score_fn(model, seqs, pad, "cpu")
+        (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        grads.append((rewards.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)

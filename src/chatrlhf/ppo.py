@@ -53,7 +53,7 @@ from chatrlhf.models import (
     resolve_model,
     save_model,
 )
-from chatrlhf.reward import load_reward_model
+from chatrlhf.reward import backbone_hidden, load_reward_model, scalar_head
 from chatrlhf.runs import MetricsLog, RunDir, data_lineage, plot_metrics
 from chatrlhf.sft import collate, target_logits
 from chatrlhf.training import (
@@ -154,28 +154,16 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
-def _scalar_head_hidden(model, sequences, attention_mask) -> torch.Tensor:
-    base = _base(model)
-    backbone = getattr(base, base.base_model_prefix)
-    return backbone(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-
-
 def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
     """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = _scalar_head_hidden(value_model, sequences, attention_mask)
-    return _base(value_model).score(hidden[:, prompt_width - 1 : -1])[..., 0].float()
+    hidden = backbone_hidden(value_model, sequences, attention_mask, use_cache=False)
+    return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
 
 
 def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
     """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = _scalar_head_hidden(reward_model, sequences, attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
-    return _base(reward_model).score(picked)[:, 0].float()
+    hidden = backbone_hidden(reward_model, sequences, attention_mask, use_cache=False)
+    return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the loss is the mean of -log sigmoid(r_w - r_l) over that prompt's pairs; ties m
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -53,6 +54,10 @@ class RewardConfig(TrainConfig):
     eval_fraction: float = help_field(0.1, "share of prompts held out for accuracy when data.eval is empty")
     pairs_as_independent: bool = help_field(
         False, "train on shuffled single pairs instead of one batch element per prompt (for comparison)"
+    )
+    share_prompt: bool = help_field(
+        True,
+        "forward each prompt once and continue its K answers from its cache (off with gradient checkpointing)",
     )
     normalize_with: str = help_field(
         "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
@@ -101,6 +106,59 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
     return (
         model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
     )
+
+
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **cache) -> torch.Tensor:
+    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    return out.last_hidden_state
+
+
+def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The one-label head on hidden states (..., D) -> (...) in fp32."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.score(hidden)[..., 0].float()
+
+
+def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Rewards of K answers to one prompt, forwarding the prompt once (InstructGPT's K-way batching).
+
+    The longest common prefix of the K sequences is run once; its keys and values (with their gradient)
+    are repeated for the K answers, which continue from it. Equal to `reward_scores` on the full
+    sequences; saves the prompt's compute K-1 times. Returns (K,).
+    """
+    from transformers import DynamicCache
+
+    shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
+    for i in range(shared):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            shared = i
+            break
+    if shared == 0:
+        return reward_scores(model, sequences, pad_id, device)
+    k = len(sequences)
+    prefix = torch.tensor([sequences[0][:shared]], device=device)
+    cache = DynamicCache()
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    backbone_hidden(model, prefix, torch.ones_like(prefix), use_cache=True, **{key: cache})
+    cache.batch_repeat_interleave(k)
+    tails = [s[shared:] for s in sequences]
+    width = max(len(t) for t in tails)
+    ids = torch.full((k, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((k, shared + width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : shared + len(t)] = 1
+    positions = torch.arange(shared, shared + width).expand(k, width)
+    hidden = backbone_hidden(
+        model, ids.to(device), mask.to(device), positions.to(device), use_cache=True, **{key: cache}
+    )
+    last = torch.tensor([len(t) - 1 for t in tails], device=device)
+    return scalar_head(model, hidden[torch.arange(k, device=device), last])
 
 
 def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
@@ -170,10 +228,12 @@ def _pair_stats(
     return pairs, float((diff > 0).sum()), float(diff.sum())
 
 
-def _reward_stage(tokenizer, device, lineage: dict) -> Stage:
+def _reward_stage(tokenizer, device, lineage: dict, share_prompt: bool = True) -> Stage:
     pad_id = tokenizer.pad_token_id
 
     def forward(model, items: Sequence[RankedItem]) -> list[torch.Tensor]:
+        if share_prompt:
+            return [shared_prompt_scores(model, item.sequences, pad_id, device) for item in items]
         rewards = reward_scores(model, [s for item in items for s in item.sequences], pad_id, device)
         return list(torch.split(rewards, [len(item.sequences) for item in items]))
 
@@ -255,7 +315,7 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
         for name, p in model.named_parameters():
             p.requires_grad = p.requires_grad or name.split(".")[-2] == "score"  # the new head always trains
     lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval, cfg.normalize_with)}
-    stage = _reward_stage(tokenizer, device, lineage)
+    stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt and not cfg.gradient_checkpointing)
     if reference:
         stage.export = _normalizing_export(stage.export, reference, tokenizer, cfg, device)
     return fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
