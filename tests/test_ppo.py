@@ -300,3 +300,28 @@ def test_ppo_input_errors(tmp_path, tiny_model, tokenizer):
     )
     assert result.returncode == 2 and "different tokenizer vocabulary" in result.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def test_lora_ppo_trains_adapters_and_uses_the_disabled_adapter_as_reference(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    from chatrlhf.config import LoraConfig
+    from chatrlhf.ppo import _load_models
+
+    cfg = ppo_config(
+        tiny_model,
+        prompts_file,
+        tmp_path / "lora",
+        max_steps=2,
+        lora=LoraConfig(rank=4, targets=["q_proj", "v_proj"]),
+    )
+    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    assert models.reference is None
+    trainable = [n for n, p in models.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".score." in n for n, p in models.value.named_parameters() if p.requires_grad)
+    train(cfg, reward_fn=low_half_reward(len(tokenizer)))
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(cfg.output_dir).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
