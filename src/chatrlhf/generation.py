@@ -61,7 +61,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -79,14 +79,14 @@ def generate(
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    cache = DynamicCache()
+    cache = {cache_argument(model): DynamicCache()}
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions(mask),
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache,
     )
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
@@ -112,11 +112,7 @@ def generate(
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         out = model(
-            input_ids=token[:, None],
-            attention_mask=attention,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
+            input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, use_cache=True, **cache
         )
         next_pos = next_pos + 1
     response = torch.stack(tokens, dim=1)

@@ -156,13 +156,13 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
     """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = backbone_hidden(value_model, sequences, attention_mask, use_cache=False)
+    hidden = backbone_hidden(value_model, sequences, attention_mask)
     return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
 
 
 def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
     """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = backbone_hidden(reward_model, sequences, attention_mask, use_cache=False)
+    hidden = backbone_hidden(reward_model, sequences, attention_mask)
     return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
 
 

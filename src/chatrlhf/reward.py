@@ -11,7 +11,6 @@ the loss is the mean of -log sigmoid(r_w - r_l) over that prompt's pairs; ties m
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -28,6 +27,7 @@ from chatrlhf.chat import render
 from chatrlhf.config import TrainConfig, help_field
 from chatrlhf.data import DataError, load_demonstrations
 from chatrlhf.errors import UserError
+from chatrlhf.generation import cache_argument
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
     apply_lora,
@@ -108,13 +108,17 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
     )
 
 
-def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **cache) -> torch.Tensor:
-    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D)."""
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None, cache=None) -> torch.Tensor:
+    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not), optionally continuing
+    (and filling) a KV cache. (B, T, D)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    kwargs = (
+        {cache_argument(backbone): cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    )
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return out.last_hidden_state
 
 
@@ -143,8 +147,7 @@ def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, dev
     k = len(sequences)
     prefix = torch.tensor([sequences[0][:shared]], device=device)
     cache = DynamicCache()
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    backbone_hidden(model, prefix, torch.ones_like(prefix), use_cache=True, **{key: cache})
+    backbone_hidden(model, prefix, torch.ones_like(prefix), cache=cache)
     cache.batch_repeat_interleave(k)
     tails = [s[shared:] for s in sequences]
     width = max(len(t) for t in tails)
@@ -154,9 +157,7 @@ def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, dev
         ids[i, : len(t)] = torch.tensor(t)
         mask[i, : shared + len(t)] = 1
     positions = torch.arange(shared, shared + width).expand(k, width)
-    hidden = backbone_hidden(
-        model, ids.to(device), mask.to(device), positions.to(device), use_cache=True, **{key: cache}
-    )
+    hidden = backbone_hidden(model, ids.to(device), mask.to(device), positions.to(device), cache=cache)
     last = torch.tensor([len(t) - 1 for t in tails], device=device)
     return scalar_head(model, hidden[torch.arange(k, device=device), last])
 
