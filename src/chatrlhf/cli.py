@@ -20,6 +20,8 @@ from chatrlhf.demo import DemoConfig
 from chatrlhf.errors import UserError
 from chatrlhf.ppo import PPOConfig
 from chatrlhf.reward import RewardConfig, ScoreConfig
+from chatrlhf.serve.app import ServeConfig
+from chatrlhf.terminal import ChatConfig
 
 
 def _sft(cfg):
@@ -52,6 +54,18 @@ def _ppo(cfg):
     train(cfg)
 
 
+def _serve(cfg):
+    from chatrlhf.serve.app import run
+
+    run(cfg)
+
+
+def _chat(cfg):
+    from chatrlhf.terminal import run
+
+    run(cfg)
+
+
 def _demo(cfg):
     from chatrlhf.demo import run
 
@@ -73,8 +87,13 @@ COMMANDS = {
         RewardConfig, _reward, "reward model from rankings, pairs, HH or OpenAssistant trees (stage 2)"
     ),
     "ppo": Command(PPOConfig, _ppo, "PPO against a reward model (stage 3)"),
+    "chat": Command(ChatConfig, _chat, "chat with a checkpoint in the terminal"),
+    "serve": Command(ServeConfig, _serve, "OpenAI-compatible API and web chat page for a checkpoint"),
     "score": Command(ScoreConfig, _score, "print a reward model's scores of given answers"),
 }
+
+
+POSITIONAL_MODEL = ("chat", "serve")
 
 
 def _epilog(config: type) -> str:
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     command = COMMANDS[args.command]
+    if args.command in POSITIONAL_MODEL and overrides and not overrides[0].startswith("--"):
+        overrides = ["--model", *overrides]  # `chatrlhf serve runs/x/ppo`
     try:
         cfg = load_config(command.config, args.config, overrides)
         command.run(cfg)

@@ -9,7 +9,7 @@ temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +74,13 @@ def generate(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Generation:
-    """Continue each prompt (token ids) until EOS or max_new_tokens."""
+    """Continue each prompt (token ids) until EOS or max_new_tokens.
+
+    `on_step(tokens (B,), alive (B,))` sees every new token as it is chosen (streaming); it may return a
+    (B,) bool tensor of rows to stop now (a stop sequence was met), keeping that token.
+    """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
@@ -91,6 +96,7 @@ def generate(
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
     tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(sampling.max_new_tokens):
         logits = out.logits[:, -1, :].float() / (sampling.temperature or 1.0)
         # log-probs of the model's own distribution, as PPO's training forward recomputes them
@@ -107,7 +113,13 @@ def generate(
         logprobs.append(
             torch.where(alive, logp.gather(1, token[:, None])[:, 0], torch.zeros_like(logp[:, 0]))
         )
+        was_alive = alive
+        lengths = lengths + was_alive.long()
         alive = alive & (token != eos_id)
+        if on_step is not None:
+            stop = on_step(token, was_alive)
+            if stop is not None:
+                alive = alive & ~stop.to(alive.device)
         if not alive.any():
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
@@ -116,9 +128,8 @@ def generate(
         )
         next_pos = next_pos + 1
     response = torch.stack(tokens, dim=1)
-    # a token is part of the response up to and including the first EOS
-    is_eos = (response == eos_id).long()
-    response_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
+    # a row's response runs up to and including its EOS (or the token where it was stopped)
+    response_mask = (torch.arange(response.shape[1], device=device)[None, :] < lengths[:, None]).long()
     return Generation(ids, mask, response, response_mask, torch.stack(logprobs, 1) * response_mask, ~alive)
 
 

@@ -1,0 +1,289 @@
+"""`chatrlhf serve`: an OpenAI-compatible chat-completions API and a web chat page over any checkpoint.
+
+    chatrlhf serve runs/x/ppo --port 8000        # then point any OpenAI client at http://127.0.0.1:8000/v1
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions (stream via server-sent events ending in
+`data: [DONE]`), and the chat page at /. Prompts go through the same conversation renderer as training.
+Errors use OpenAI's error body with the matching status; the server stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from chatrlhf.chat import prompt_ids
+from chatrlhf.config import help_field
+from chatrlhf.generation import SamplingConfig
+from chatrlhf.serve.engine import Engine
+from chatrlhf.serve.engine import Request as EngineRequest
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass
+class ServeConfig:
+    model: str = help_field("", "checkpoint to serve (path or hub id); empty for the default model")
+    host: str = help_field("127.0.0.1", "address to listen on")
+    port: int = help_field(8000, "port to listen on")
+    api_key: str = help_field("", "require `Authorization: Bearer KEY` on /v1 routes; empty: no key")
+    served_name: str = help_field("", "model id clients use; empty: the checkpoint folder's name")
+    max_batch: int = help_field(8, "most answers generated together")
+    max_tokens: int = help_field(1024, "largest max_tokens a request may ask for")
+    max_prompt_tokens: int = help_field(4096, "longest prompt accepted")
+    system_prompt: str = help_field("", "system turn for conversations that have none")
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def ends_with_user(cls, messages: list[Message]) -> list[Message]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        if any(m.role == "system" for m in messages[1:]):
+            raise ValueError("a system message may only come first")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four(cls, stop):
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
+    app = FastAPI(title="chatrlhf", version="0.1.0")
+    engine = Engine(model, tokenizer, cfg.max_batch)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(e.status, "invalid_request_error")
+        return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    def check_key(request: Request) -> None:
+        if cfg.api_key and request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+            raise APIError(
+                401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", name)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "chatrlhf"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        if req.model != name:
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {name!r}",
+                "model",
+                "model_not_found",
+            )
+        max_new = req.max_completion_tokens or req.max_tokens or min(256, cfg.max_tokens)
+        if max_new > cfg.max_tokens:
+            raise APIError(400, f"max_tokens: at most {cfg.max_tokens} on this server", "max_tokens")
+        ids = prompt_ids(tokenizer, [m.model_dump() for m in req.messages], cfg.system_prompt)
+        if len(ids) > cfg.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the conversation is {len(ids)} tokens, more than this server's {cfg.max_prompt_tokens}",
+                "messages",
+                "context_length_exceeded",
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(
+                    engine, ids, sampling, req, stops, completion_id, created, name, include_usage, request
+                ),
+                media_type="text/event-stream",
+            )
+        texts = [""] * req.n
+        reasons: list[str | None] = [None] * req.n
+        counts = [0] * req.n
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+
+        def on_text(choice: int, delta: str) -> None:
+            texts[choice] += delta
+
+        def on_done(choice: int, reason: str, tokens: int) -> None:
+            with lock:
+                reasons[choice], counts[choice] = reason, tokens
+                if all(r is not None for r in reasons):
+                    loop.call_soon_threadsafe(done.set)
+
+        engine.submit(EngineRequest(ids, sampling, req.n, stops, req.seed, on_text, on_done))
+        await done.wait()
+        if any(r.startswith("error") for r in reasons if r):
+            raise APIError(
+                500, "generation failed: " + next(r for r in reasons if r and r.startswith("error"))
+            )
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": texts[i]},
+                    "finish_reason": reasons[i],
+                    "logprobs": None,
+                }
+                for i in range(req.n)
+            ],
+            "usage": {
+                "prompt_tokens": len(ids),
+                "completion_tokens": sum(counts),
+                "total_tokens": len(ids) + sum(counts),
+            },
+        }
+
+    return app
+
+
+async def _stream(
+    engine, ids, sampling, req: ChatRequest, stops, completion_id, created, name, include_usage, http_request
+):
+    events: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    engine_request = EngineRequest(
+        ids,
+        sampling,
+        req.n,
+        stops,
+        req.seed,
+        on_text=lambda c, d: loop.call_soon_threadsafe(events.put_nowait, ("text", c, d)),
+        on_done=lambda c, r, t: loop.call_soon_threadsafe(events.put_nowait, ("done", c, (r, t))),
+    )
+    engine.submit(engine_request)
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": choices,
+        }
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk(
+            [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                for i in range(req.n)
+            ]
+        )
+        finished, completion_tokens = 0, 0
+        while finished < req.n:
+            kind, choice, payload = await events.get()
+            if kind == "text":
+                yield chunk([{"index": choice, "delta": {"content": payload}, "finish_reason": None}])
+            else:
+                reason, tokens = payload
+                finished += 1
+                completion_tokens += tokens
+                reason = "stop" if reason.startswith("error") else reason
+                yield chunk([{"index": choice, "delta": {}, "finish_reason": reason}])
+        if include_usage:
+            usage = {
+                "prompt_tokens": len(ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(ids) + completion_tokens,
+            }
+            yield chunk([], usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        engine_request.cancelled.set()  # a client that went away frees its rows
+
+
+def run(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer, pick_device())
+    name = cfg.served_name or Path(path).name or path
+    app = create_app(cfg, model, tokenizer, name)
+    print(
+        f"serving {path} as {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, API at /v1)",
+        flush=True,
+    )
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
