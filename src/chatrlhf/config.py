@@ -130,7 +130,15 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     lines: dict[str, int] = {}
     if path:
         raw, lines = _read_yaml(Path(path))
+    given: dict[str, Any] = {}
     for key, value in _parse_overrides(overrides or []):
+        # a key given twice collects its values: `--response A --response B`
+        given[key] = (
+            [*(given[key] if isinstance(given[key], list) else [given[key]]), value]
+            if key in given
+            else value
+        )
+    for key, value in given.items():
         _set_dotted(raw, key, value)
     return from_dict(cls, raw, source=path or "command line", lines=lines)
 
@@ -264,7 +272,7 @@ def _coerce(value: Any, typ: Any, name: str, source: str, lines: dict[str, int])
         (item,) = typing.get_args(typ)
         if value is None:
             return []
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        items = value if isinstance(value, list) else [value]  # `--key "[a, b]"` gives a list too
         return [_coerce(v, item, name, source, lines) for v in items]
     if typ is bool:
         if isinstance(value, bool):

@@ -354,7 +354,7 @@ class ScoreConfig:
     model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
     data: str = help_field("", "rankings or pairs file whose answers are scored")
     prompt: str = help_field("", "a single prompt to score (with --response)")
-    response: list[str] = help_field([], "answers to --prompt (repeat or comma-separate)")
+    response: list[str] = help_field([], "answers to --prompt (repeat the flag for several)")
     batch_size: int = help_field(8, "sequences per forward pass")
     max_length: int = help_field(2048, "longest sequence scored")
 
