@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
@@ -507,7 +508,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
                 task, advance=1, info=f"reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.3f}"
             )
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
-                _write_samples(run, done, batch_convs, gen, exp, tokenizer)
+                _write_samples(run, done, batch_convs, gen, exp, tokenizer, progress.console)
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 run.save_checkpoint(
                     done,
@@ -547,16 +548,24 @@ def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float) -> dict[s
     }
 
 
-def _write_samples(run: RunDir, step: int, convs, gen: Generation, exp: Experience, tokenizer) -> None:
+def _write_samples(
+    run: RunDir, step: int, convs, gen: Generation, exp: Experience, tokenizer, console
+) -> None:
+    """Append the step's answers to samples.jsonl and show a few of them."""
     texts = [
         tokenizer.decode(r, skip_special_tokens=True)
         for r in response_token_lists(gen, tokenizer.eos_token_id)
     ]
+    rows = [(conv[-1]["content"], text, s) for conv, text, s in zip(convs, texts, exp.scores.tolist())]
     with open(run.path / "samples.jsonl", "a", encoding="utf-8") as f:
-        for conv, text, s in zip(convs, texts, exp.scores.tolist()):
-            f.write(
-                json.dumps({"step": step, "prompt": conv[-1]["content"], "response": text, "score": s}) + "\n"
-            )
+        for prompt, text, s in rows:
+            f.write(json.dumps({"step": step, "prompt": prompt, "response": text, "score": s}) + "\n")
+    table = Table(title=f"samples at step {step}", show_lines=True)
+    for column in ("prompt", "answer", "score"):
+        table.add_column(column, overflow="fold")
+    for prompt, text, s in rows[:3]:
+        table.add_row(prompt, text, f"{s:.3f}")
+    console.print(table)
 
 
 def _export(folder: Path, models: Models, tokenizer, ema) -> None:
