@@ -1,7 +1,8 @@
 """The serving engine: one worker thread owns the model; requests queue up and are batched.
 
 A request is one prompt with its sampling settings and `n` answers. The worker takes the oldest request
-and every queued request with the same settings (up to `max_batch` rows), generates them together through
+and every queued request with the same settings (up to `max_batch` rows, waiting up to `gather_ms` for
+more to arrive), generates them together through
 the shared generation engine, and streams each row's text as it grows. Requests that fix a `seed` run in
 a batch of their own, so the seed alone decides their answer. Requests are served in arrival order.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,8 +56,9 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8):
+    def __init__(self, model, tokenizer, max_batch: int = 8, gather_ms: float = 20.0):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.gather_s = gather_ms / 1000.0
         self.queue: queue.Queue[Request] = queue.Queue()
         self.pending: list[Request] = []
         self.thread = threading.Thread(target=self._work, daemon=True, name="chatrlhf-engine")
@@ -67,6 +70,14 @@ class Engine:
     def _next_batch(self) -> list[Request]:
         if not self.pending:
             self.pending.append(self.queue.get())
+        # clients whose last answer just ended send their next request within milliseconds: give them a
+        # short window to join, so a batch is not started with a few rows while others are on their way
+        deadline = time.monotonic() + self.gather_s
+        while sum(r.n for r in self.pending) < self.max_batch:
+            try:
+                self.pending.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
         while True:
             try:
                 self.pending.append(self.queue.get_nowait())
