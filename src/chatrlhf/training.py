@@ -70,23 +70,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def total_steps(cfg: TrainConfig, n_items: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) for `max_steps` or `epochs`."""
-    per_step = cfg.batch_size * cfg.grad_accum
+def total_steps(cfg: TrainConfig, n_items: int, world: int = 1) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `max_steps` or `epochs`; a step takes batch_size x grad_accum
+    items from each of `world` processes."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = max(1, math.ceil(n_items / per_step))
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return steps_per_epoch, steps
 
 
-def step_items(cfg: TrainConfig, n_items: int, step: int) -> list[int]:
-    """Indices of the items of optimizer step `step` (0-based): a seeded permutation per epoch."""
-    steps_per_epoch, _ = total_steps(cfg, n_items)
+def step_items(cfg: TrainConfig, n_items: int, step: int, world: int = 1) -> list[int]:
+    """Indices of the items of optimizer step `step` (0-based), all processes together: a seeded
+    permutation per epoch, the same in every process."""
+    steps_per_epoch, _ = total_steps(cfg, n_items, world)
     epoch, within = divmod(step, steps_per_epoch)
     if cfg.data.shuffle:
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
     else:
         order = list(range(n_items))
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * world
     return order[within * per_step : (within + 1) * per_step]
 
 
@@ -150,6 +152,18 @@ def load_resumable(folder: Path, models: dict[str, Any], optimizer, scheduler) -
     return state
 
 
+class _StageLoss(torch.nn.Module):
+    """The stage's loss as a module forward, so a data-parallel wrapper (DDP, FSDP, DeepSpeed via
+    accelerate) sees every forward pass and synchronises the gradients."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, items, step_weight):
+        return self.loss(self.model, items, step_weight)
+
+
 def fit(
     cfg: TrainConfig,
     stage: Stage,
@@ -158,40 +172,50 @@ def fit(
     eval_items: Sequence[Any] = (),
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Train `model` on `train_items`; write checkpoints, metrics, plots and the final model."""
+    """Train `model` on `train_items`; write checkpoints, metrics, plots and the final model.
+
+    Under `accelerate launch` each process takes its share of every step's items; gradients are averaged
+    by the wrapper accelerate chooses, and only the main process writes.
+    """
+    from accelerate import Accelerator
+
     run = RunDir(cfg.output_dir)
     device = next(model.parameters()).device
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     dtype = resolve_dtype(cfg.dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    steps_per_epoch, steps = total_steps(cfg, len(train_items))
+    steps_per_epoch, steps = total_steps(cfg, len(train_items), world)
     optimizer, scheduler = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], steps)
 
     start = 0
     checkpoint = run.latest_checkpoint() if cfg.resume else None
     if checkpoint is not None:
         start = load_resumable(checkpoint, {"model": model}, optimizer, scheduler)["step"]
-    run.start(overwrite=cfg.overwrite and not cfg.resume)
-    log = MetricsLog(run, cfg.report_to, resume_step=start)
+    wrapped, optimizer = accelerator.prepare(_StageLoss(model, stage.loss), optimizer)
+    torch.manual_seed(cfg.seed + rank)  # each process its own random stream
+    if main:
+        run.start(overwrite=cfg.overwrite and not cfg.resume)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(run, cfg.report_to, resume_step=start, enabled=main)
 
     summary: dict[str, float] = {}
     columns = [TextColumn(f"[bold]{stage.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    console = Console(stderr=True)  # stdout stays free for a command's own output
-    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console) as progress:
+    console = Console(stderr=True, quiet=not main)  # stdout stays free for a command's own output
+    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console, disable=not main) as progress:
         task = progress.add_task(stage.name, total=steps, completed=start, info="")
         for step in range(start, steps):
             began = time.perf_counter()
-            items = [train_items[i] for i in step_items(cfg, len(train_items), step)]
+            items = [train_items[i] for i in step_items(cfg, len(train_items), step, world)]
             step_weight = sum(stage.weight(item) for item in items)
-            sums: dict[str, float] = {}
-            for batch in micro_batches(items, cfg.batch_size, stage.length):
-                with autocast(device, dtype):
-                    loss, stats = stage.loss(model, batch, step_weight)
-                loss.backward()
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-            grad_norm = _clip(model, cfg.max_grad_norm)
+            sums = _accumulate(
+                accelerator, wrapped, items[rank::world], step_weight, cfg, stage, device, dtype
+            )
+            grad_norm = float(
+                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm or float("inf"))
+            )
             metrics = stage.summarize(sums)
             if not all(math.isfinite(v) for v in metrics.values()) or not math.isfinite(grad_norm):
                 last = run.latest_checkpoint()
@@ -214,40 +238,68 @@ def fit(
             if "input_tokens" in sums:
                 metrics["train/tokens_per_s"] = sums["input_tokens"] / metrics["timing/step"]
             done = step + 1
-            if (
-                stage.evaluate
-                and eval_items
-                and cfg.eval_every
-                and done % cfg.eval_every == 0
-                and done < steps
-            ):
+            evaluate_now = cfg.eval_every and done % cfg.eval_every == 0 and done < steps
+            if stage.evaluate and eval_items and evaluate_now and main:
                 metrics.update(_evaluate(stage, model, eval_items, device, dtype))
             if done % max(cfg.log_every, 1) == 0 or done == steps:
                 log.log(done, metrics)
             summary.update(metrics)
             progress.update(task, advance=1, info=_short(metrics))
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                run.save_checkpoint(
-                    done,
-                    lambda folder, step=done: save_resumable(
-                        folder, {"model": model}, optimizer, scheduler, step
-                    ),
-                    cfg.keep_checkpoints,
-                )
+                if main:
+                    run.save_checkpoint(
+                        done,
+                        lambda folder, step=done: save_resumable(
+                            folder, {"model": model}, optimizer, scheduler, step
+                        ),
+                        cfg.keep_checkpoints,
+                    )
+                accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(done, metrics)
 
-    if stage.evaluate and eval_items:
-        final_eval = _evaluate(stage, model, eval_items, device, dtype)
-        log.log(steps, final_eval)
-        summary.update(final_eval)
-    log.close()
-    if stage.plots:
-        plot_metrics(run, stage.plots, f"{stage.name}_curves.png", f"{stage.name}: {cfg.output_dir}")
-    if stage.export is not None:
-        info = {"stage": stage.name, "config": to_dict(cfg), "lineage": stage.lineage, "summary": summary}
-        run.export(lambda folder: stage.export(model, folder), info)
+    if main:
+        if stage.evaluate and eval_items:
+            final_eval = _evaluate(stage, model, eval_items, device, dtype)
+            log.log(steps, final_eval)
+            summary.update(final_eval)
+        log.close()
+        if stage.plots:
+            plot_metrics(run, stage.plots, f"{stage.name}_curves.png", f"{stage.name}: {cfg.output_dir}")
+        if stage.export is not None:
+            info = {"stage": stage.name, "config": to_dict(cfg), "lineage": stage.lineage, "summary": summary}
+            run.export(lambda folder: stage.export(model, folder), info)
+    accelerator.wait_for_everyone()
     return summary
+
+
+def _accumulate(
+    accelerator, wrapped, items, step_weight, cfg, stage: Stage, device, dtype
+) -> dict[str, float]:
+    """Forward and backward this process's share of a step; returns the step's stats summed over processes.
+
+    Each share's summed loss is divided by the whole step's weight and multiplied by the number of
+    processes, because the data-parallel wrapper averages gradients over them.
+    """
+    from accelerate.utils import gather_object
+
+    batches = micro_batches(items, cfg.batch_size, stage.length) or [[]]
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        sync = accelerator.no_sync(wrapped) if i < len(batches) - 1 else contextlib.nullcontext()
+        with sync, autocast(device, dtype):
+            if batch:
+                loss, stats = wrapped(batch, step_weight / accelerator.num_processes)
+            else:  # more processes than items in this step: take part in the gradient sync with zero
+                loss, stats = sum(p.sum() for p in wrapped.parameters() if p.requires_grad) * 0.0, {}
+        accelerator.backward(loss)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+    if accelerator.num_processes > 1:
+        keys = sorted(set().union(*gather_object([sorted(sums)])))
+        totals = accelerator.reduce(torch.tensor([sums.get(k, 0.0) for k in keys], device=device), "sum")
+        sums = dict(zip(keys, totals.tolist()))
+    return sums
 
 
 def _evaluate(stage: Stage, model, items, device, dtype) -> dict[str, float]:
@@ -256,14 +308,6 @@ def _evaluate(stage: Stage, model, items, device, dtype) -> dict[str, float]:
         result = stage.evaluate(model, items)
     model.train()
     return result
-
-
-def _clip(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)
 
 
 def _short(metrics: dict[str, float]) -> str:

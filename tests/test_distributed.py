@@ -1,0 +1,86 @@
+"""Data parallelism: 2 processes (gloo, launched by torchrun as `accelerate launch` does on GPUs) give the
+same loss curve and final weights as 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import demo_rows, write_jsonl
+from safetensors.torch import load_file
+from test_reward import preference_rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], processes: int) -> None:
+    if processes == 1:
+        cmd = [sys.executable, "-m", "chatrlhf", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "chatrlhf",
+            *args,
+        ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def curve(out: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_two_processes_equal_one(stage, tiny_model, tmp_path):
+    if stage == "sft":
+        data, key = write_jsonl(tmp_path / "d.jsonl", demo_rows(24)), "train/loss"
+    else:
+        data, key = write_jsonl(tmp_path / "d.jsonl", preference_rows(24, 3)), "rm/loss"
+    common = [
+        "--model",
+        tiny_model,
+        "--data.train",
+        data,
+        "--max_steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--save_every",
+        "0",
+        "--data.shuffle",
+        "false",
+        "--batch_size",
+        "2",
+    ]
+    if stage == "reward":
+        common += ["--eval_fraction", "0"]
+    run([stage, *common, "--grad_accum", "2", "--output_dir", str(tmp_path / "one")], processes=1)
+    run([stage, *common, "--output_dir", str(tmp_path / "two")], processes=2)
+    one, two = curve(tmp_path / "one", key), curve(tmp_path / "two", key)
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, abs=1e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # only the main process wrote: one metrics line per step
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
