@@ -158,3 +158,12 @@ def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tm
     before, after = weights(tiny_model), weights(tmp_path / "lora")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_bf16_reaches_the_fp32_loss(tiny_model, demos_file, tmp_path):
+    """bf16 autocast over fp32 master weights trains like fp32 (small differences only)."""
+    fp32 = train(config(tiny_model, demos_file, tmp_path / "fp32", max_steps=6, shuffle=False, dtype="fp32"))
+    bf16 = train(config(tiny_model, demos_file, tmp_path / "bf16", max_steps=6, shuffle=False, dtype="bf16"))
+    assert abs(bf16["train/loss"] - fp32["train/loss"]) < 0.05 * fp32["train/loss"]
+    first = [r["train/loss"] for r in read_metrics(tmp_path / "bf16") if "train/loss" in r][0]
+    assert bf16["train/loss"] < first - 0.3  # and it learned
