@@ -84,3 +84,37 @@ def test_two_processes_equal_one(stage, tiny_model, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     # only the main process wrote: one metrics line per step
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_ppo_step_in_two_processes(tiny_model, tmp_path):
+    """Each process rolls out its own prompts; the policies stay identical (checked every step by the trainer)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Tell me about topic {i}"} for i in range(8)])
+    out = tmp_path / "ppo"
+    run(
+        [
+            "ppo",
+            "--model",
+            tiny_model,
+            "--reward_model",
+            tiny_model,
+            "--data.train",
+            prompts,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--ppo_epochs",
+            "1",
+            "--lr",
+            "1e-3",
+        ],
+        processes=2,
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    assert (out / "model.safetensors").is_file()

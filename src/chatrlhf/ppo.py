@@ -13,6 +13,7 @@ losses, optional PPO-ptx) -> log.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -63,7 +64,6 @@ from chatrlhf.training import (
     load_resumable,
     make_optimizer,
     save_resumable,
-    step_items,
 )
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
@@ -282,31 +282,42 @@ def minibatch_loss(
     return loss, stats
 
 
+class _PPOLoss(torch.nn.Module):
+    """`minibatch_loss` as a module forward over the policy and value models, so a data-parallel wrapper
+    sees every forward pass and averages the gradients."""
+
+    def __init__(self, models: Models, cfg: PPOConfig, pad_id: int):
+        super().__init__()
+        self.policy, self.value = models.policy, models.value
+        self.models, self.cfg, self.pad_id = models, cfg, pad_id
+
+    def forward(self, exp: Experience, idx: torch.Tensor, ptx_rows=None):
+        return minibatch_loss(self.models, exp, idx, self.cfg, ptx_rows, self.pad_id)
+
+
 def ppo_update(
-    models, exp: Experience, cfg: PPOConfig, optimizer, generator, ptx_sampler, pad_id, ema
+    accelerator, wrapped, exp: Experience, cfg: PPOConfig, optimizer, generator, ptx_sampler, ema
 ) -> dict:
-    models.policy.train()
-    models.value.train()
+    """`ppo_epochs` passes over the rollouts in `minibatches` optimizer steps; returns the mean stats."""
+    wrapped.train()
     batch = exp.sequences.shape[0]
     size = max(1, math.ceil(batch / cfg.minibatches))
     sums: dict[str, float] = {}
     updates = 0
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(batch, generator=generator).to(exp.sequences.device)
         for start in range(0, batch, size):
             ptx_rows = ptx_sampler() if ptx_sampler else None
-            loss, stats = minibatch_loss(models, exp, order[start : start + size], cfg, ptx_rows, pad_id)
+            loss, stats = wrapped(exp, order[start : start + size], ptx_rows)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            )
+            accelerator.backward(loss)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            norm = accelerator.clip_grad_norm_(wrapped.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(models.policy)
+                ema.update()
             stats["ppo/grad_norm"] = float(norm)
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -314,16 +325,34 @@ def ppo_update(
     return {key: value / updates for key, value in sums.items()}
 
 
+def step_prompts(cfg: PPOConfig, n_prompts: int, step: int, world: int = 1) -> list[int]:
+    """The prompts of PPO step `step`, all processes together: `batch_size` per process, taken in order from
+    a stream of seeded per-epoch permutations, so every step is full."""
+    per_step = cfg.batch_size * world
+    picked = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(position, n_prompts)
+        picked.append(_epoch_order(cfg.seed, epoch, n_prompts, cfg.data.shuffle)[i])
+    return picked
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
 class EMA:
     """Exponential moving average of the trainable policy weights."""
 
     def __init__(self, model, decay: float):
-        self.decay = decay
+        self.model, self.decay = model, decay
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, model) -> None:
-        for name, p in model.named_parameters():
+    def update(self) -> None:
+        for name, p in self.model.named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
 
@@ -442,7 +471,13 @@ def _timed(metrics: dict, name: str):
 
 
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> dict[str, float]:
-    """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model."""
+    """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model.
+
+    Under `accelerate launch` (or torchrun) each process rolls out `batch_size` prompts of its own per step;
+    gradients are averaged over processes, metrics too, and only the main process writes.
+    """
+    from accelerate import Accelerator
+
     _check(cfg, reward_fn)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
@@ -450,11 +485,12 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
     ptx = _ptx_sampler(cfg, tokenizer)
     ptx_sampler, ptx_state = ptx if ptx else (None, None)
     device = pick_device()
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     models = _load_models(cfg, tokenizer, model_path, reward_fn, device)
     dtype = resolve_dtype(cfg.dtype)
-    steps = (
-        cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / cfg.batch_size))
-    )
+    per_step = cfg.batch_size * world
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
     params = [p for m in (models.policy, models.value) for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params, steps)
     kl_ctl = AdaptiveKL(cfg)
@@ -465,19 +501,22 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
     checkpoint = run.latest_checkpoint() if cfg.resume else None
     if checkpoint is not None:
         start = _load(checkpoint, models, optimizer, scheduler, kl_ctl, ema, ptx_state)
-    run.start(overwrite=cfg.overwrite and not cfg.resume)
-    log = MetricsLog(run, cfg.report_to, resume_step=start)
-    console = Console(stderr=True)
+    wrapped, optimizer = accelerator.prepare(_PPOLoss(models, cfg, tokenizer.pad_token_id), optimizer)
+    if main:
+        run.start(overwrite=cfg.overwrite and not cfg.resume)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(run, cfg.report_to, resume_step=start, enabled=main)
+    console = Console(stderr=True, quiet=not main)
     summary: dict[str, float] = {}
     columns = [TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console) as progress:
+    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console, disable=not main) as progress:
         task = progress.add_task("ppo", total=steps, completed=start, info="")
         for step in range(start, steps):
             metrics: dict[str, float] = {}
             began = time.perf_counter()
-            # every step's randomness comes from (seed, step), so a resumed run repeats it exactly
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + step)
-            picked = step_items(cfg, len(prompts), step)
+            # every step's randomness comes from (seed, step, process), so a resumed run repeats it exactly
+            generator = torch.Generator(device=device).manual_seed((cfg.seed * 100003 + step) * 1009 + rank)
+            picked = step_prompts(cfg, len(prompts), step, world)[rank::world]
             batch_convs = [conversations[i].messages for i in picked]
             with _timed(metrics, "rollout"), autocast(device, dtype):
                 gen = rollout(models, [prompts[i] for i in picked], cfg, tokenizer, generator)
@@ -487,9 +526,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
             try:
                 with _timed(metrics, "update"), autocast(device, dtype):
                     metrics.update(
-                        ppo_update(
-                            models, exp, cfg, optimizer, generator, ptx_sampler, tokenizer.pad_token_id, ema
-                        )
+                        ppo_update(accelerator, wrapped, exp, cfg, optimizer, generator, ptx_sampler, ema)
                     )
             except FloatingPointError:
                 last = run.latest_checkpoint()
@@ -499,39 +536,70 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
                 ) from None
             scheduler.step()
             metrics.update(_rollout_metrics(exp, gen, kl_ctl.value))
-            kl_ctl.update(metrics["ppo/kl"], len(picked))
             metrics["timing/step"] = time.perf_counter() - began
+            if world > 1:
+                metrics = _mean_over_processes(accelerator, metrics, device)
+                _check_in_sync(accelerator, models.policy, step + 1)
+            kl_ctl.update(metrics["ppo/kl"], per_step)
             done = step + 1
             log.log(done, metrics)
             summary.update(metrics)
             progress.update(
                 task, advance=1, info=f"reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.3f}"
             )
-            if cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
+            if main and cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
                 _write_samples(run, done, batch_convs, gen, exp, tokenizer, progress.console)
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                run.save_checkpoint(
-                    done,
-                    lambda f, s=done: _save(f, models, optimizer, scheduler, s, kl_ctl, ema, ptx_state),
-                    cfg.keep_checkpoints,
-                )
+                if main:
+                    run.save_checkpoint(
+                        done,
+                        lambda f, s=done: _save(f, models, optimizer, scheduler, s, kl_ctl, ema, ptx_state),
+                        cfg.keep_checkpoints,
+                    )
+                accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(done, metrics)
-    log.close()
-    plot_metrics(
-        run,
-        ["ppo/reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
-        "ppo_curves.png",
-        f"ppo: {cfg.output_dir}",
-    )
-    lineage = {
-        "parent": model_path,
-        "reward_model": cfg.reward_model or "reward function",
-        "data": data_lineage(cfg.data.train, cfg.ptx_data),
-    }
-    info = {"stage": "ppo", "config": to_dict(cfg), "lineage": lineage, "summary": summary}
-    run.export(lambda folder: _export(folder, models, tokenizer, ema), info)
+    if main:
+        log.close()
+        plot_metrics(
+            run,
+            ["ppo/reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
+            "ppo_curves.png",
+            f"ppo: {cfg.output_dir}",
+        )
+        lineage = {
+            "parent": model_path,
+            "reward_model": cfg.reward_model or "reward function",
+            "data": data_lineage(cfg.data.train, cfg.ptx_data),
+        }
+        info = {
+            "stage": "ppo",
+            "config": to_dict(cfg),
+            "lineage": lineage,
+            "summary": summary,
+            "processes": world,
+        }
+        run.export(lambda folder: _export(folder, models, tokenizer, ema), info)
+    accelerator.wait_for_everyone()
     return summary
+
+
+def _mean_over_processes(accelerator, metrics: dict[str, float], device) -> dict[str, float]:
+    keys = sorted(metrics)
+    values = accelerator.reduce(
+        torch.tensor([metrics[k] for k in keys], device=device, dtype=torch.float64), "mean"
+    )
+    return dict(zip(keys, values.tolist()))
+
+
+def _check_in_sync(accelerator, policy, step: int) -> None:
+    """The processes' policies must stay identical; a cheap checksum per step proves it."""
+    total = sum(p.detach().double().sum() for p in policy.parameters() if p.requires_grad)
+    sums = accelerator.gather(total.reshape(1))
+    if float(sums.max() - sums.min()) > 1e-6 * max(1.0, float(sums.abs().max())):
+        raise RuntimeError(
+            f"ppo: the processes' policies diverged at step {step} (checksums {sums.tolist()})"
+        )
 
 
 def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float) -> dict[str, float]:
