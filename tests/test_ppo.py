@@ -12,18 +12,10 @@ from conftest import make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from chatrlhf.config import DataConfig
+from chatrlhf.experience import gather_logprobs, make_experience, response_logits, rollout, score
 from chatrlhf.generation import SamplingConfig, generate
 from chatrlhf.models import load_causal_lm
-from chatrlhf.ppo import (
-    PPOConfig,
-    gather_logprobs,
-    make_experience,
-    minibatch_loss,
-    response_logits,
-    rollout,
-    score,
-    train,
-)
+from chatrlhf.ppo import PPOConfig, minibatch_loss, train
 from chatrlhf.reward import load_reward_model
 from chatrlhf.runs import read_metrics
 

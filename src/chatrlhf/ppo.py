@@ -5,9 +5,8 @@ per-token KL penalty keeps the policy near the SFT model (InstructGPT section 3.
 
 Four models: the policy (from the SFT checkpoint), a frozen reference (the SFT model; with LoRA, the policy
 with its adapters disabled), a value model initialised from the reward model, and the reward model. Each
-step runs named phases, each timed: rollout (generation) -> score (reward, reference log-probs, values) ->
-make_experience (KL-shaped rewards, GAE, whitening; pure math) -> ppo_update (clipped policy and value
-losses, optional PPO-ptx) -> log.
+step runs named phases, each timed: rollout -> score -> make_experience (in `experience.py`) -> ppo_update
+(clipped policy and value losses, optional PPO-ptx; here) -> log.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +31,24 @@ from chatrlhf.chat import prompt_ids
 from chatrlhf.config import TrainConfig, help_field, to_dict
 from chatrlhf.data import DataError, chunk_stream, load_prompts, load_texts, tokenize_texts
 from chatrlhf.errors import UserError
-from chatrlhf.generation import Generation, SamplingConfig, generate, positions, response_token_lists
+from chatrlhf.experience import (
+    Experience,
+    Models,
+    RewardFn,
+    gather_logprobs,
+    make_experience,
+    response_logits,
+    rollout,
+    score,
+    token_values,
+)
+from chatrlhf.generation import Generation, response_token_lists
 from chatrlhf.losses import (
     entropy_from_logits,
     explained_variance,
-    gae,
-    kl_penalty,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     token_nll,
-    token_rewards,
     value_loss,
 )
 from chatrlhf.models import (
@@ -55,7 +60,7 @@ from chatrlhf.models import (
     resolve_model,
     save_model,
 )
-from chatrlhf.reward import backbone_hidden, load_reward_model, scalar_head
+from chatrlhf.reward import load_reward_model
 from chatrlhf.runs import MetricsLog, RunDir, data_lineage, plot_metrics
 from chatrlhf.sft import collate, target_logits
 from chatrlhf.training import (
@@ -65,8 +70,6 @@ from chatrlhf.training import (
     make_optimizer,
     save_resumable,
 )
-
-RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
 
 
 @dataclass
@@ -110,145 +113,6 @@ class PPOConfig(TrainConfig):
         0.0, "exponential moving average of the policy weights, exported instead; 0 is off"
     )
     sample_every: int = help_field(10, "steps between sample tables (samples.jsonl)")
-
-
-@dataclass
-class Experience:
-    """One batch of rollouts, ready for the update."""
-
-    sequences: torch.Tensor  # (B, P+R) left-padded prompt, then the right-padded response
-    attention_mask: torch.Tensor  # (B, P+R)
-    prompt_width: int  # P
-    response_mask: torch.Tensor  # (B, R) 1 on answer tokens, EOS included
-    logprobs: torch.Tensor  # (B, R) of the sampled tokens, when sampled
-    ref_logprobs: torch.Tensor  # (B, R) under the reference model
-    values: torch.Tensor  # (B, R) value before each answer token
-    scores: torch.Tensor  # (B,) reward-model score after penalties
-    kl: torch.Tensor  # (B, R) per-token KL estimate
-    rewards: torch.Tensor  # (B, R) KL-shaped per-token rewards
-    advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
-
-
-# --------------------------------------------------------------------------------------------------
-# model forwards
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits at the positions that predict each answer token. Returns (B, R, V) fp32."""
-    base = _base(model)
-    hidden = base.get_decoder()(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) for logits (B, R, V) and tokens (B, R). Returns (B, R)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
-
-
-def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
-    """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = backbone_hidden(value_model, sequences, attention_mask)
-    return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
-
-
-def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
-    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = backbone_hidden(reward_model, sequences, attention_mask)
-    return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
-
-
-# --------------------------------------------------------------------------------------------------
-# the phases
-
-
-@dataclass
-class Models:
-    policy: torch.nn.Module
-    value: torch.nn.Module
-    reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
-    reward: torch.nn.Module | None  # None: a reward function is used
-    reward_bias: float = 0.0
-
-
-def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_new_tokens)
-    models.policy.eval()
-    return generate(
-        models.policy, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
-    )
-
-
-@torch.no_grad()
-def score(models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn) -> dict:
-    """Reward-model scores, reference log-probs and values of a batch of rollouts."""
-    sequences = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)
-    mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)
-    width = gen.prompt_ids.shape[1]
-    if models.reference is None:
-        with models.policy.disable_adapter():
-            ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature)
-    else:
-        ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature)
-    ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
-    del ref_logits
-    values = token_values(models.value, sequences, mask, width) * gen.response_mask
-    if reward_fn is not None:
-        ids = response_token_lists(gen, tokenizer.eos_token_id)
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        scores = torch.tensor(
-            reward_fn(conversations, texts, ids), dtype=torch.float32, device=sequences.device
-        )
-    else:
-        last = width + gen.response_mask.sum(1) - 1
-        scores = sequence_scores(models.reward, sequences, mask, last) + models.reward_bias
-    return {
-        "sequences": sequences,
-        "mask": mask,
-        "ref_logprobs": ref_logprobs,
-        "values": values,
-        "raw_scores": scores,
-    }
-
-
-def make_experience(gen: Generation, scored: dict, cfg: PPOConfig, kl_coef: float) -> Experience:
-    """KL-shaped per-token rewards, GAE advantages and returns: pure tensor math on the rollout."""
-    mask = gen.response_mask.float()
-    scores = scored["raw_scores"]
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * (~gen.finished).float()
-    if cfg.reward_clip > 0:
-        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    kl = kl_penalty(gen.logprobs, scored["ref_logprobs"], cfg.kl_estimator) * mask
-    rewards = token_rewards(scores, kl, kl_coef, mask)
-    if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, scored["values"], mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return Experience(
-        sequences=scored["sequences"],
-        attention_mask=scored["mask"],
-        prompt_width=gen.prompt_ids.shape[1],
-        response_mask=gen.response_mask,
-        logprobs=gen.logprobs,
-        ref_logprobs=scored["ref_logprobs"],
-        values=scored["values"],
-        scores=scores,
-        kl=kl,
-        rewards=rewards,
-        advantages=advantages,
-        returns=returns,
-    )
 
 
 def minibatch_loss(

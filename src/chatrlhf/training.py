@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from chatrlhf.config import TrainConfig, to_dict
 from chatrlhf.errors import UserError
-from chatrlhf.models import pick_device, resolve_dtype
+from chatrlhf.models import resolve_dtype
 from chatrlhf.runs import MetricsLog, RunDir, plot_metrics
 
 
@@ -317,6 +317,3 @@ def _short(metrics: dict[str, float]) -> str:
         if k.startswith(("train/loss", "rm/acc", "eval/loss"))
     ]
     return "  ".join(f"{k} {v:.4f}" for k, v in shown)
-
-
-__all__ = ["Stage", "fit", "pick_device", "autocast"]
