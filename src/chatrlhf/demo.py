@@ -3,7 +3,8 @@
 The built-in task is instruction following with checkable constraints (word limits, bullet counts,
 lowercase), InstructGPT's goal at laptop scale. Its prompts and demonstrations are generated here from
 topics x constraints; nothing third-party is used. This first version of the demo fine-tunes on the
-demonstrations (stage 1) and shows the model's answers to held-out prompts before and after.
+demonstrations (stage 1) and shows the model's answers to held-out topics before and after, each marked by
+the rule judge, with the share of constraints met.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chatrlhf.config import DataConfig, SFTConfig, help_field
+from chatrlhf.judges import satisfies
 
 TOPICS = {
     "the moon": ["orbits the earth", "has no air", "shows phases", "pulls the tides"],
@@ -89,9 +91,8 @@ def run(cfg: DemoConfig) -> None:
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
     data_file = out / "demonstrations.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in demonstrations(train_topics, rng)))
-    held_out = [
-        [{"role": "user", "content": r["prompt"]}] for r in demonstrations(list(HELD_OUT_TOPICS), rng)
-    ][:6]
+    held_rows = demonstrations(list(HELD_OUT_TOPICS), rng)
+    held_out = [[{"role": "user", "content": r["prompt"]}] for r in held_rows]
 
     console.rule("[bold]stage 1: supervised fine-tuning on built-in demonstrations")
     sft_cfg = SFTConfig(
@@ -118,10 +119,19 @@ def run(cfg: DemoConfig) -> None:
     after = answer(
         load_causal_lm(sft_cfg.output_dir, tokenizer, pick_device()), tokenizer, held_out, sampling
     )
-    table = Table(title="held-out prompts, greedy answers", show_lines=True)
+    table = Table(title="held-out prompts, greedy answers (rule judge: ok / no)", show_lines=True)
     for column in ("prompt", "before SFT", "after SFT"):
         table.add_column(column, overflow="fold")
-    for conv, b, a in zip(held_out, before, after):
-        table.add_row(conv[0]["content"], b, a)
+    for conv, row, b, a in zip(held_out, held_rows, before, after):
+        mark = {True: "[green]ok[/]", False: "[red]no[/]"}
+        rule = row["constraint"]
+        table.add_row(
+            conv[0]["content"], f"{mark[satisfies(b, rule)]} {b}", f"{mark[satisfies(a, rule)]} {a}"
+        )
     console.print(table)
+    ok_before = sum(satisfies(b, r["constraint"]) for b, r in zip(before, held_rows))
+    ok_after = sum(satisfies(a, r["constraint"]) for a, r in zip(after, held_rows))
+    console.print(
+        f"constraints met on {len(held_rows)} held-out prompts: {ok_before} before SFT, {ok_after} after"
+    )
     console.print(f"checkpoint: {sft_cfg.output_dir}  (loads with AutoModelForCausalLM.from_pretrained)")
