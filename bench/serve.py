@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
-import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -44,7 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when loaded by path
+import common  # noqa: E402
+
 SERVED_NAME = "smollm2"
 TEMPERATURE = 0.7
 NOTES = [
@@ -65,29 +64,9 @@ NOTES = [
 ]
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def shared_bench_dir() -> Path:
-    """The shared TRL anchor folder: $CHATRLHF_SHARED_BENCH or <repo>/../shared/bench."""
-    folder = Path(os.environ.get("CHATRLHF_SHARED_BENCH") or REPO.parent / "shared" / "bench").resolve()
-    if not (folder / "trl_baseline.py").is_file():
-        sys.exit(f"{folder}: no trl_baseline.py here (set CHATRLHF_SHARED_BENCH to the shared bench folder)")
-    return folder
-
-
-def load_anchor(shared: Path):
-    """trl_baseline.py as a module; it imports only the standard library at top level."""
-    spec = importlib.util.spec_from_file_location("trl_baseline", shared / "trl_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def request_prompts(n: int) -> list[str]:
     """The anchor's 16 prompts, repeated to n requests."""
-    prompts = [row["prompt"] for row in load_anchor(shared_bench_dir()).make_prompt_data()]
+    prompts = [row["prompt"] for row in common.load_anchor(common.shared_bench_dir()).make_prompt_data()]
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
@@ -121,26 +100,6 @@ def level_record(
     }
 
 
-def emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("chatrlhf", "torch", "transformers", "openai", "fastapi", "uvicorn"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # chatrlhf: the server in its own process, streaming clients here
 
@@ -164,8 +123,8 @@ def start_server(port: int, max_batch: int, log_file) -> subprocess.Popen:
         "--max_batch",
         str(max_batch),
     ]
-    log("$ " + " ".join(cmd))
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+    common.log("$ " + " ".join(cmd))
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=common.REPO)
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> float:
@@ -256,11 +215,11 @@ def run_chatrlhf(args, levels: list[int]) -> list[dict]:
         proc = start_server(port, args.max_batch, server_log)
         try:
             load_s = wait_healthy(base, proc)
-            log(f"server healthy after {load_s:.1f} s; warming up")
+            common.log(f"server healthy after {load_s:.1f} s; warming up")
             asyncio.run(warm_up(base, request_prompts(args.max_batch), args.max_batch))
             for c in levels:
                 n = requests_at(args, c)
-                log(f"chatrlhf: {n} requests at concurrency {c}")
+                common.log(f"chatrlhf: {n} requests at concurrency {c}")
                 record = asyncio.run(run_level(base, request_prompts(n), c, args.max_tokens))
                 record.update(
                     max_tokens=args.max_tokens, max_batch=args.max_batch, server_load_s=round(load_s, 1)
@@ -278,7 +237,7 @@ def run_chatrlhf(args, levels: list[int]) -> list[dict]:
             server_log.seek(0)
             tail = server_log.read()[-2000:].strip()
             if tail:
-                log("server log (tail):\n" + tail)
+                common.log("server log (tail):\n" + tail)
     return records
 
 
@@ -292,9 +251,8 @@ def requests_at(args, concurrency: int) -> int:
 
 def run_baseline(args, levels: list[int]) -> list[dict]:
     n = max(requests_at(args, c) for c in levels)
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    cmd = common.child_cmd(
+        __file__,
         "--baseline-child",
         "--requests",
         str(n),
@@ -304,12 +262,10 @@ def run_baseline(args, levels: list[int]) -> list[dict]:
         str(args.threads),
         "--batch",
         str(args.max_batch),
-    ]
-    log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"baseline process failed (exit {proc.returncode})")
+    )
+    code, lines = common.run_json_lines(cmd)
+    if code != 0 or not lines:
+        sys.exit(f"baseline process failed (exit {code})")
     raw = json.loads(lines[-1])
     records = [sequential_level(raw, c, requests_at(args, c)) for c in levels]
     batch = raw["batched"]
@@ -395,12 +351,12 @@ def baseline_main(args) -> None:
     tokenizer.padding_side = "left"
     run(prompts[:1], 4)  # warm-up
     run(prompts[: args.batch], 4)
-    log(f"transformers: {args.requests} sequential requests")
+    common.log(f"transformers: {args.requests} sequential requests")
     sequential = []
     for p in prompts:
         first_s, tokens, total_s, _ = run([p], args.max_tokens)
         sequential.append({"first_s": round(first_s, 4), "tokens": tokens[0], "total_s": round(total_s, 4)})
-    log(f"transformers: the same requests in batches of {args.batch}")
+    common.log(f"transformers: the same requests in batches of {args.batch}")
     batched = {"tokens": [], "first_token_s": [], "wall_s": 0.0}
     for i in range(0, len(prompts), args.batch):
         first_s, tokens, total_s, _ = run(prompts[i : i + args.batch], args.max_tokens)
@@ -410,7 +366,7 @@ def baseline_main(args) -> None:
     record = {
         "sequential": sequential,
         "batched": batched,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_rss_mib": common.peak_rss_mib(),
     }
     print(json.dumps(record), flush=True)
 
@@ -437,7 +393,7 @@ def summarize(records: list[dict], args, levels: list[int]) -> dict:
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
         "ratio_chatrlhf_over_transformers": ratios,
-        "versions": versions(),
+        "versions": common.versions((*common.CHATRLHF_PACKAGES, "openai", "fastapi", "uvicorn")),
         "notes": NOTES,
     }
 
@@ -459,8 +415,7 @@ def print_table(records: list[dict], summary: dict) -> None:
             )
         )
     print(f"\nServing, max_tokens {summary['max_tokens']}, temperature {TEMPERATURE} (TTFT in seconds):")
-    for row in rows:
-        print(f"{row[0]:<22}" + "".join(f"{c:>11}" for c in row[1:]))
+    common.print_rows(rows, 22, 11)
     for c, r in summary["ratio_chatrlhf_over_transformers"].items():
         print(
             f"chatrlhf/transformers at C={c}: {r['tokens_per_s']:.2f}x tokens/s, {r['ttft_p50']:.3f}x TTFT p50"
@@ -473,14 +428,14 @@ def parent_main(args) -> None:
     records = []
     if not args.skip_baseline:
         for record in run_baseline(args, levels):
-            emit(record, out)
+            common.emit(record, out)
             records.append(record)
     if not args.skip_chatrlhf:
         for record in run_chatrlhf(args, levels):
-            emit(record, out)
+            common.emit(record, out)
             records.append(record)
     summary = summarize(records, args, levels)
-    emit(summary, out)
+    common.emit(summary, out)
     print_table(records, summary)
 
 
