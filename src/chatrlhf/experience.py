@@ -16,6 +16,7 @@ import torch
 
 from chatrlhf.generation import Generation, SamplingConfig, generate, positions, response_token_lists
 from chatrlhf.losses import gae, kl_penalty, masked_whiten, token_rewards
+from chatrlhf.models import unwrap
 from chatrlhf.reward import backbone_hidden, scalar_head
 
 if TYPE_CHECKING:
@@ -46,13 +47,9 @@ class Experience:
 # model forwards
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
     """Temperature-scaled logits at the positions that predict each answer token. Returns (B, R, V) fp32."""
-    base = _base(model)
+    base = unwrap(model)
     hidden = base.get_decoder()(
         input_ids=sequences,
         attention_mask=attention_mask,

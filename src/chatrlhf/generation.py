@@ -8,6 +8,7 @@ temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from chatrlhf.chat import prompt_ids
+from chatrlhf.models import unwrap
 
 
 @dataclass
@@ -63,7 +65,13 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def cache_argument(model) -> str:
     """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_argument(type(unwrap(model)))
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    # looked up once per model class: generate() runs per request and per rollout
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

@@ -155,6 +155,11 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, peft_config)
 
 
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_model(model, folder: Path, tokenizer=None) -> None:
     """Save as a plain transformers checkpoint (LoRA adapters merged in), with the tokenizer when given."""
     if hasattr(model, "merge_and_unload"):

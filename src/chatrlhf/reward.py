@@ -37,6 +37,7 @@ from chatrlhf.models import (
     pick_device,
     resolve_model,
     save_model,
+    unwrap,
 )
 from chatrlhf.preferences import Ranking, load_rankings
 from chatrlhf.runs import data_lineage
@@ -111,7 +112,7 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
 def backbone_hidden(model, input_ids, attention_mask, position_ids=None, cache=None) -> torch.Tensor:
     """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not), optionally continuing
     (and filling) a KV cache. (B, T, D)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -124,7 +125,7 @@ def backbone_hidden(model, input_ids, attention_mask, position_ids=None, cache=N
 
 def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The one-label head on hidden states (..., D) -> (...) in fp32."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return base.score(hidden)[..., 0].float()
 
 
@@ -338,7 +339,7 @@ def _normalizing_export(export, reference, tokenizer, cfg: RewardConfig, device)
                     for i in range(0, len(seqs), 8)
                 ]
             )
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         base.config.reward_bias = -float(scores.mean())
         export(model, folder)
 

@@ -26,7 +26,15 @@ from chatrlhf.data import (
     tokenize_texts,
 )
 from chatrlhf.losses import token_nll
-from chatrlhf.models import apply_lora, load_causal_lm, load_tokenizer, pick_device, resolve_model, save_model
+from chatrlhf.models import (
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+    save_model,
+    unwrap,
+)
 from chatrlhf.runs import data_lineage
 from chatrlhf.training import Stage, check_config, fit
 
@@ -56,7 +64,7 @@ def collate(samples: Sequence[Sample], pad_id: int, device) -> dict[str, torch.T
 
 def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) at the N positions that have a target, and those targets (N,)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     select = batch["targets"] != -100
     if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
         logits = model(
