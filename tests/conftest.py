@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,13 @@ def make_tiny_model(folder: Path, tokenizer, seed: int = 0, layers: int = 2) -> 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer) -> str:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), tokenizer)
+
+
+def chatrlhf(*args: str) -> subprocess.CompletedProcess:
+    """Run the `chatrlhf` command as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatrlhf", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def write_jsonl(path: Path, rows) -> str:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, demo_rows, write_jsonl
+from conftest import SHARED_DATA, chatrlhf, demo_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-
-def chatrlhf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "chatrlhf", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def test_sft_command_then_plain_transformers(tiny_model, tmp_path):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import chatrlhf
 
 from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, demonstrations
 from chatrlhf.judges import satisfies
@@ -42,22 +40,8 @@ def test_built_in_demonstrations_meet_their_constraints():
 
 
 def test_demo_command_on_a_tiny_model(tiny_model, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "demo",
-            "--model",
-            tiny_model,
-            "--sft_steps",
-            "2",
-            "--output_dir",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = chatrlhf(
+        "demo", "--model", tiny_model, "--sft_steps", "2", "--output_dir", str(tmp_path / "demo")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "constraints met on 12 held-out prompts" in result.stdout

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model, write_jsonl
+from conftest import chatrlhf, make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from chatrlhf.config import DataConfig
@@ -201,37 +199,30 @@ def test_resume_gives_identical_metrics(tiny_model, tokenizer, prompts_file, tmp
 def test_ppo_command_with_a_reward_model(tmp_path, tokenizer, prompts_file):
     policy = make_tiny_model(tmp_path / "policy", tokenizer, seed=1)
     rm = make_tiny_model(tmp_path / "rm", tokenizer, seed=2)  # a causal LM: the scalar head starts random
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "ppo",
-            "--model",
-            policy,
-            "--reward_model",
-            rm,
-            "--data.train",
-            prompts_file,
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--max_steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--max_new_tokens",
-            "6",
-            "--kl_estimator",
-            "k3",
-            "--target_kl",
-            "1.0",
-            "--missing_eos_penalty",
-            "1.0",
-            "--ema_decay",
-            "0.9",
-        ],
-        capture_output=True,
-        text=True,
+    result = chatrlhf(
+        "ppo",
+        "--model",
+        policy,
+        "--reward_model",
+        rm,
+        "--data.train",
+        prompts_file,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--kl_estimator",
+        "k3",
+        "--target_kl",
+        "1.0",
+        "--missing_eos_penalty",
+        "1.0",
+        "--ema_decay",
+        "0.9",
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -241,25 +232,18 @@ def test_ppo_command_with_a_reward_model(tmp_path, tokenizer, prompts_file):
 
 def test_ppo_input_errors(tmp_path, tiny_model, tokenizer):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi"}, {"prompt": "word " * 300}])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "ppo",
-            "--model",
-            tiny_model,
-            "--reward_model",
-            tiny_model,
-            "--data.train",
-            long,
-            "--max_prompt_length",
-            "64",
-            "--output_dir",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
+    result = chatrlhf(
+        "ppo",
+        "--model",
+        tiny_model,
+        "--reward_model",
+        tiny_model,
+        "--data.train",
+        long,
+        "--max_prompt_length",
+        "64",
+        "--output_dir",
+        str(tmp_path / "o"),
     )
     assert (
         result.returncode == 2
@@ -272,23 +256,16 @@ def test_ppo_input_errors(tmp_path, tiny_model, tokenizer):
     foreign = tmp_path / "foreign"
     make_tiny_model(foreign, other)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "ppo",
-            "--model",
-            tiny_model,
-            "--reward_model",
-            str(foreign),
-            "--data.train",
-            prompts,
-            "--output_dir",
-            str(tmp_path / "o2"),
-        ],
-        capture_output=True,
-        text=True,
+    result = chatrlhf(
+        "ppo",
+        "--model",
+        tiny_model,
+        "--reward_model",
+        str(foreign),
+        "--data.train",
+        prompts,
+        "--output_dir",
+        str(tmp_path / "o2"),
     )
     assert result.returncode == 2 and "different tokenizer vocabulary" in result.stderr
     assert not (tmp_path / "o2").exists()

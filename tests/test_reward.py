@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import SHARED_DATA, write_jsonl
+from conftest import SHARED_DATA, chatrlhf, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from chatrlhf.config import DataConfig
@@ -151,11 +149,7 @@ def test_export_loads_in_transformers_and_matches_score_command(tiny_model, toke
     pairs = write_jsonl(
         tmp_path / "pairs.jsonl", [{"prompt": "Review?", "chosen": "great superb", "rejected": "awful"}]
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "chatrlhf", "score", "--model", cfg.output_dir, "--data", pairs],
-        capture_output=True,
-        text=True,
-    )
+    result = chatrlhf("score", "--model", cfg.output_dir, "--data", pairs)
     assert result.returncode == 0, result.stderr
     cli_scores = json.loads(result.stdout.strip().splitlines()[-1])["scores"]
 
@@ -230,21 +224,8 @@ def test_bad_ranking_records(tmp_path, tiny_model, case):
     record, message = BAD_RECORDS[case]
     good = {"prompt": "q", "responses": ["a", "b"], "ranks": [1, 2]}
     data = write_jsonl(tmp_path / "r.jsonl", [good, record])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "reward",
-            "--model",
-            tiny_model,
-            "--data.train",
-            data,
-            "--output_dir",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
+    result = chatrlhf(
+        "reward", "--model", tiny_model, "--data.train", data, "--output_dir", str(tmp_path / "o")
     )
     assert result.returncode == 2 and f"{data}:2:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
