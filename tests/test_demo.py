@@ -1,12 +1,22 @@
-"""The rule judge of the built-in task, and `chatrlhf demo` end to end on a tiny model."""
+"""The built-in task, its rule judge, and `chatrlhf demo` (the whole pipeline) end to end on a tiny model."""
 
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 from conftest import chatrlhf
 
-from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, demonstrations
-from chatrlhf.judges import satisfies
+from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, prompts, written_answer
+from chatrlhf.judges import satisfies_all
+
+ASKS = {
+    "lowercase": "Tell me about bees, writing in all lowercase letters.",
+    "bullets": "Describe bees as exactly 3 bullet points.",
+    "short": "Describe bees in at most 15 words.",
+    "question": "Say one fact about bees and end with a question.",
+}
 
 
 @pytest.mark.parametrize(
@@ -26,23 +36,36 @@ from chatrlhf.judges import satisfies
         ("Bees make honey? No. They do.", "question", False),
     ],
 )
-def test_rule_judge(answer, constraint, expected):
-    assert satisfies(answer, constraint) is expected
+def test_the_built_in_prompts_constraints(answer, constraint, expected):
+    assert satisfies_all([{"role": "user", "content": ASKS[constraint]}], answer) is expected
 
 
-def test_built_in_demonstrations_meet_their_constraints():
-    import random
-
-    rows = demonstrations(list(TOPICS), random.Random(0))
+def test_written_answers_meet_their_constraints_and_topics_split():
+    rows = prompts(list(TOPICS))
     assert len(rows) == len(TOPICS) * len(CONSTRAINTS)
-    assert all(satisfies(r["completion"], r["constraint"]) for r in rows)
-    assert set(HELD_OUT_TOPICS) <= set(TOPICS)
-
-
-def test_demo_command_on_a_tiny_model(tiny_model, tmp_path):
-    result = chatrlhf(
-        "demo", "--model", tiny_model, "--sft_steps", "2", "--output_dir", str(tmp_path / "demo")
+    rng = random.Random(0)
+    assert all(
+        satisfies_all([{"role": "user", "content": r["prompt"]}], written_answer(r, rng)) for r in rows
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "constraints met on 12 held-out prompts" in result.stdout
-    assert (tmp_path / "demo" / "sft" / "model.safetensors").is_file()
+    assert set(HELD_OUT_TOPICS) < set(TOPICS)
+
+
+def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--model", tiny_model, "--output_dir", str(out), "--sft_steps", "2", "--ppo_steps", "2"]
+    args += ["--best_of", "2", "--max_new_tokens", "8"]
+    result = chatrlhf(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo", "eval"]
+    assert state["stages"]["iter1/sample"]["tasks"] == len(
+        prompts([t for t in TOPICS if t not in HELD_OUT_TOPICS])
+    )
+    for folder in ("sft", "iter1/rm", "iter1/ppo"):
+        assert (out / folder / "model.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert "win-rate over baseline" in report and "held-out accuracy" in report
+    assert (out / "proxy_vs_gold.png").is_file() and "proxy_vs_gold.png" in report
+    ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
+    assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
+    assert f"chatrlhf chat {out / 'iter1' / 'ppo'}" in result.stdout.replace("\n", "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class Record:
 class Conversation:
     where: str
     messages: list[dict[str, str]]
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # the record's other fields (a judge's `reference`, ...)
 
 
 @dataclass
@@ -322,7 +325,8 @@ def load_prompts(source: str) -> list[Conversation]:
             messages = [{"role": "user", "content": _text_field(data, "prompt", where)}]
         else:
             raise DataError(f"{where}: expected field `prompt` (text or messages) or `messages`")
-        conversations.append(Conversation(where, messages))
+        extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
+        conversations.append(Conversation(where, messages, extra))
     if not conversations:
         raise DataError(f"{source}: no prompts")
     return conversations

@@ -1,10 +1,11 @@
-"""`chatrlhf demo`: the built-in job on the default model.
+"""`chatrlhf demo`: the whole pipeline on the default model with the built-in task, in minutes on a CPU.
 
 The built-in task is instruction following with checkable constraints (word limits, bullet counts,
-lowercase), InstructGPT's goal at laptop scale. Its prompts and demonstrations are generated here from
-topics x constraints; nothing third-party is used. This first version of the demo fine-tunes on the
-demonstrations (stage 1) and shows the model's answers to held-out topics before and after, each marked by
-the rule judge, with the share of constraints met.
+lowercase, ending with a question), InstructGPT's goal at laptop scale. Its prompts come from topics x
+constraints, split by topic into training and held-out prompts; nothing third-party is used.
+Demonstrations are the best of N sampled answers by the rule judge (standing in for labeler-written
+answers), or a written answer where none of the N meets the constraints. A simulated labeler ranks with the
+rule judge plus noise; the reward model sees only its rankings, never the judge.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
-from chatrlhf.config import DataConfig, SFTConfig, help_field
-from chatrlhf.judges import satisfies
+from chatrlhf.config import SFTConfig, help_field
+from chatrlhf.eval import EvalConfig
+from chatrlhf.labeling.auto import LabelAutoConfig
+from chatrlhf.pipeline import PipelineConfig
+from chatrlhf.ppo import PPOConfig
+from chatrlhf.reward import RewardConfig
+from chatrlhf.runs import atomic_write_text
+from chatrlhf.sample import SampleConfig
 
 TOPICS = {
     "the moon": ["orbits the earth", "has no air", "shows phases", "pulls the tides"],
@@ -31,8 +37,14 @@ TOPICS = {
     "whales": ["breathe air", "sing songs", "are mammals", "migrate across oceans"],
     "trains": ["run on rails", "carry freight", "link cities", "stop at stations"],
     "forests": ["store carbon", "shelter animals", "make oxygen", "hold soil in place"],
+    "penguins": ["cannot fly", "swim fast", "live in the south", "huddle for warmth"],
+    "deserts": ["get little rain", "are hot by day", "hold cacti", "cool at night"],
+    "pianos": ["have 88 keys", "use hammers", "hit strings", "can be grand or upright"],
+    "bridges": ["cross rivers", "carry roads", "are made of steel", "link two shores"],
+    "apples": ["grow on trees", "come in many colors", "are crunchy", "keep for weeks"],
+    "clouds": ["float in the sky", "are made of droplets", "bring rain", "change shape"],
 }
-HELD_OUT_TOPICS = ("whales", "trains", "forests")
+HELD_OUT_TOPICS = ("whales", "trains", "forests", "clouds")
 
 
 def _words(topic: str, fact: str) -> str:
@@ -59,79 +71,131 @@ CONSTRAINTS = {
 }
 
 
-def demonstrations(topics: list[str], rng: random.Random) -> list[dict]:
-    rows = []
-    for topic in topics:
-        facts = TOPICS[topic][:]
-        for name, (prompt, write) in CONSTRAINTS.items():
-            rng.shuffle(facts)
-            rows.append(
-                {"prompt": prompt.format(topic=topic), "completion": write(topic, facts), "constraint": name}
-            )
-    return rows
+def prompts(topics: list[str]) -> list[dict]:
+    """One prompt record per topic and constraint; `constraint` names it for the report."""
+    return [
+        {"prompt": template.format(topic=topic), "constraint": name, "topic": topic}
+        for topic in topics
+        for name, (template, _) in CONSTRAINTS.items()
+    ]
+
+
+def written_answer(row: dict, rng: random.Random) -> str:
+    """What a labeler would write for a prompt record: its topic's facts in the asked form."""
+    facts = TOPICS[row["topic"]][:]
+    rng.shuffle(facts)
+    return CONSTRAINTS[row["constraint"]][1](row["topic"], facts)
+
+
+def best_of_n_demonstrations(
+    model_path: str, rows: list[dict], n: int, seed: int, max_new_tokens: int
+) -> list[dict]:
+    """The rule judge's best of n sampled answers per prompt, where it meets every constraint; a written
+    answer elsewhere. Each record says which (`source`)."""
+    from chatrlhf.data import Conversation
+    from chatrlhf.generation import SamplingConfig
+    from chatrlhf.judges import RuleJudge, satisfies_all
+    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
+    from chatrlhf.sample import draw
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, tokenizer, pick_device())
+    judge, rng = RuleJudge(), random.Random(seed)
+    conversations = [
+        Conversation(f"built-in:{i}", [{"role": "user", "content": r["prompt"]}]) for i, r in enumerate(rows)
+    ]
+    out = []
+    for start in range(0, len(rows), 8):
+        chunk = conversations[start : start + 8]
+        drawn = draw(
+            model, tokenizer, chunk, n, SamplingConfig(max_new_tokens, temperature=1.0), seed + start, 1
+        )
+        for row, d in zip(rows[start : start + 8], drawn):
+            scores = judge.scores(d.conversation.messages, d.answers, {})
+            best = max(zip(scores, d.answers), default=(0.0, ""))[1]
+            if best and satisfies_all(d.conversation.messages, best):
+                out.append({"prompt": row["prompt"], "completion": best, "source": "best-of-n"})
+            else:
+                out.append(
+                    {"prompt": row["prompt"], "completion": written_answer(row, rng), "source": "written"}
+                )
+    return out
 
 
 @dataclass
 class DemoConfig:
-    output_dir: str = help_field("runs/demo", "where the demo's stages write")
+    output_dir: str = help_field("runs/demo", "where the demo's stages and report go")
     model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
-    sft_steps: int = help_field(16, "SFT optimizer steps")
+    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
+    sft_steps: int = help_field(12, "SFT optimizer steps")
+    k: int = help_field(4, "answers per prompt to rank")
+    noise: float = help_field(0.05, "the simulated labeler's noise")
+    rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
+    ppo_steps: int = help_field(12, "PPO steps per iteration")
+    max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
     seed: int = help_field(1234, "random seed")
+    resume: bool = help_field(False, "continue an interrupted demo in output_dir")
 
 
-def run(cfg: DemoConfig) -> None:
-    from chatrlhf import sft
-    from chatrlhf.generation import SamplingConfig, answer
-    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
+def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
+    """The demo's settings for the whole pipeline, sized for a 2-core CPU."""
+    tokens = cfg.max_new_tokens
+    return PipelineConfig(
+        output_dir=cfg.output_dir,
+        model=cfg.model,
+        demonstrations=str(data / "demonstrations.jsonl"),
+        prompts=str(data / "prompts.jsonl"),
+        eval_prompts=str(data / "eval_prompts.jsonl"),
+        iterations=cfg.iterations,
+        labeler="auto",
+        seed=cfg.seed,
+        resume=cfg.resume,
+        overwrite=not cfg.resume,
+        sample=SampleConfig(k=cfg.k, max_new_tokens=tokens, batch_prompts=8),
+        label=LabelAutoConfig(judge="rule", noise=cfg.noise, seed=cfg.seed),
+        sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
+        reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=2e-5, eval_fraction=0.15, save_every=0),
+        ppo=PPOConfig(
+            max_steps=cfg.ppo_steps,
+            batch_size=16,
+            lr=3e-6,
+            max_new_tokens=tokens,
+            kl_coef=0.02,
+            ppo_epochs=2,
+            minibatches=2,
+            missing_eos_penalty=1.0,
+            save_every=0,
+            sample_every=max(1, cfg.ppo_steps // 3),
+        ),
+        eval=EvalConfig(judge="rule", max_new_tokens=tokens, samples=2, temperature=0.7, show=8),
+    )
+
+
+def run(cfg: DemoConfig) -> dict:
+    from chatrlhf.models import resolve_model
+    from chatrlhf.pipeline import run as run_pipeline
 
     console = Console()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(cfg.seed)
+    data = Path(cfg.output_dir).parent / (Path(cfg.output_dir).name + "_data")
+    data.mkdir(parents=True, exist_ok=True)
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
-    data_file = out / "demonstrations.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in demonstrations(train_topics, rng)))
-    held_rows = demonstrations(list(HELD_OUT_TOPICS), rng)
-    held_out = [[{"role": "user", "content": r["prompt"]}] for r in held_rows]
-
-    console.rule("[bold]stage 1: supervised fine-tuning on built-in demonstrations")
-    sft_cfg = SFTConfig(
-        model=cfg.model,
-        data=DataConfig(train=str(data_file)),
-        output_dir=str(out / "sft"),
-        max_steps=cfg.sft_steps,
-        batch_size=4,
-        lr=5e-5,
-        seed=cfg.seed,
-        save_every=0,
-        overwrite=True,
-    )
-    summary = sft.train(sft_cfg)
-    console.print(f"SFT final loss {summary['train/loss']:.3f}")
-
-    sampling = SamplingConfig(max_new_tokens=48)
-    tokenizer = load_tokenizer(sft_cfg.output_dir)
-    from chatrlhf.models import resolve_model
-
-    before = answer(
-        load_causal_lm(resolve_model(cfg.model), tokenizer, pick_device()), tokenizer, held_out, sampling
-    )
-    after = answer(
-        load_causal_lm(sft_cfg.output_dir, tokenizer, pick_device()), tokenizer, held_out, sampling
-    )
-    table = Table(title="held-out prompts, greedy answers (rule judge: ok / no)", show_lines=True)
-    for column in ("prompt", "before SFT", "after SFT"):
-        table.add_column(column, overflow="fold")
-    for conv, row, b, a in zip(held_out, held_rows, before, after):
-        mark = {True: "[green]ok[/]", False: "[red]no[/]"}
-        rule = row["constraint"]
-        table.add_row(
-            conv[0]["content"], f"{mark[satisfies(b, rule)]} {b}", f"{mark[satisfies(a, rule)]} {a}"
+    train_rows, held_rows = prompts(train_topics), prompts(list(HELD_OUT_TOPICS))
+    write_jsonl(data / "prompts.jsonl", train_rows)
+    write_jsonl(data / "eval_prompts.jsonl", held_rows)
+    demos = data / "demonstrations.jsonl"
+    if not (cfg.resume and demos.exists()):
+        console.rule("[bold]demonstrations: best of N sampled answers by the rule judge")
+        rows = best_of_n_demonstrations(
+            resolve_model(cfg.model), train_rows, cfg.best_of, cfg.seed, cfg.max_new_tokens
         )
-    console.print(table)
-    ok_before = sum(satisfies(b, r["constraint"]) for b, r in zip(before, held_rows))
-    ok_after = sum(satisfies(a, r["constraint"]) for a, r in zip(after, held_rows))
-    console.print(
-        f"constraints met on {len(held_rows)} held-out prompts: {ok_before} before SFT, {ok_after} after"
-    )
-    console.print(f"checkpoint: {sft_cfg.output_dir}  (loads with AutoModelForCausalLM.from_pretrained)")
+        write_jsonl(demos, rows)
+        picked = sum(r["source"] == "best-of-n" for r in rows)
+        console.print(
+            f"{picked}/{len(rows)} demonstrations picked from samples, {len(rows) - picked} written"
+        )
+    return run_pipeline(pipeline_config(cfg, data))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -79,6 +79,11 @@ class PPOConfig(TrainConfig):
     output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
     reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
     value_model: str = help_field("", "value model start; empty: the reward model (InstructGPT)")
+    reference_model: str = help_field(
+        "",
+        "frozen model of the KL penalty; empty: the starting policy (set it to the SFT model when PPO "
+        "continues from an earlier PPO policy)",
+    )
     batch_size: int = help_field(8, "prompts (rollouts) per PPO step")
     lr: float = help_field(3e-6, "peak learning rate of policy and value")
     warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
@@ -262,10 +267,14 @@ def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) 
     set_seed(cfg.seed)
     policy = load_causal_lm(model_path, tokenizer, device)
     reference = None
+    if cfg.reference_model:
+        reference_path = resolve_model(cfg.reference_model)
+        _same_vocabulary(reference_path, load_tokenizer(reference_path), tokenizer, "reference_model")
+        reference = load_causal_lm(reference_path, tokenizer, device).eval().requires_grad_(False)
+    elif not cfg.lora.enabled:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
-    else:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
     value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
     _same_vocabulary(value_path, load_tokenizer(value_path), tokenizer, "value_model")
     value = load_reward_model(value_path, tokenizer, device)
@@ -334,8 +343,10 @@ def _timed(metrics: dict, name: str):
     metrics[f"timing/{name}"] = time.perf_counter() - began
 
 
-def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> dict[str, float]:
+def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_fn=None) -> dict[str, float]:
     """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model.
+    `gold_fn(prompts, answers) -> scores`, a judge the policy never sees, is logged as `ppo/gold_reward`
+    beside the proxy reward, to show over-optimisation of the reward model when it happens.
 
     Under `accelerate launch` (or torchrun) each process rolls out `batch_size` prompts of its own per step;
     gradients are averaged over processes, metrics too, and only the main process writes.
@@ -387,6 +398,11 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
             with _timed(metrics, "score"), autocast(device, dtype):
                 scored = score(models, gen, cfg, batch_convs, tokenizer, reward_fn)
             exp = make_experience(gen, scored, cfg, kl_ctl.value)
+            if gold_fn is not None:
+                texts = tokenizer.batch_decode(
+                    response_token_lists(gen, tokenizer.eos_token_id), skip_special_tokens=True
+                )
+                metrics["ppo/gold_reward"] = sum(gold_fn(batch_convs, texts)) / len(texts)
             try:
                 with _timed(metrics, "update"), autocast(device, dtype):
                     metrics.update(
@@ -427,12 +443,13 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None) -> di
         log.close()
         plot_metrics(
             run,
-            ["ppo/reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
+            ["ppo/reward", "ppo/gold_reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
             "ppo_curves.png",
             f"ppo: {cfg.output_dir}",
         )
         lineage = {
             "parent": model_path,
+            "reference": cfg.reference_model or model_path,
             "reward_model": cfg.reward_model or "reward function",
             "data": data_lineage(cfg.data.train, cfg.ptx_data),
         }

@@ -1,0 +1,88 @@
+"""`chatrlhf label auto`: simulated labelers rank the open tasks in the labeling DB instead of people.
+
+    chatrlhf label auto --db labels.db --judge rule --noise 0.1
+
+Each simulated labeler (`auto-<judge>-1`, `-2`, ...) is an ordinary labeler in the DB: it asks for its next
+task, ranks the answers by the judge's scores plus its own noise, and submits through the same store calls
+the web app uses, so assignment, `labels_per_task` and agreement work exactly as for people. A labeler's
+noise for a task depends only on (seed, labeler, task): a rerun gives the same rankings.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from chatrlhf.config import help_field
+from chatrlhf.errors import UserError
+from chatrlhf.judges import make_judge, noisy_ranks
+
+MAX_LABELERS = 64
+
+
+@dataclass
+class LabelAutoConfig:
+    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
+    judge: str = help_field("rule", "rule | reference | rm | llm")
+    noise: float = help_field(0.0, "std of the Gaussian noise added to judge scores (0: deterministic)")
+    labelers: int = help_field(0, "simulated labelers; 0 for as many as the tasks want (labels_per_task)")
+    judge_model: str = help_field("", "rm: the reward model checkpoint; llm: the model name at the endpoint")
+    llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
+    seed: int = help_field(0, "random seed of the labelers' noise")
+
+
+def label(store, judge, noise: float, labelers: int = 0, seed: int = 0) -> dict[str, int]:
+    """Let simulated labelers rank every task still open to them; submissions per labeler. With
+    `labelers` 0, labelers are added until one finds no task left (every task has its labels_per_task)."""
+    from chatrlhf.labeling.store import AnswerLabel, SubmissionIn
+
+    done: dict[str, int] = {}
+    cache: dict[int, dict[str, float]] = {}  # the judge's scores of a task's answers, shared by the labelers
+    for n in range(1, (labelers or MAX_LABELERS) + 1):
+        name = f"auto-{judge.name}-{n}"
+        if store.labeler(name) is None:
+            store.add_labeler(name)
+        labeler = store.labeler(name)
+        done[name] = 0
+        while (task := store.next_task(labeler.id)) is not None:
+            answers = [text for _, text in task.answers]
+            if task.task_id not in cache:
+                cache[task.task_id] = dict(zip(answers, judge.scores(task.prompt, answers, task.meta)))
+            scores = [cache[task.task_id][text] for text in answers]
+            rng = random.Random(f"{seed}/{name}/{task.task_id}")
+            ranks = noisy_ranks(scores, noise, rng)
+            if len(set(ranks)) < 2:
+                store.skip(labeler.id, task.task_id)  # the judge sees no difference: nothing to learn from
+                continue
+            labels = [AnswerLabel(answer_id, rank) for (answer_id, _), rank in zip(task.answers, ranks)]
+            store.submit(labeler.id, task.task_id, SubmissionIn(labels))
+            done[name] += 1
+        if not labelers and done[name] == 0:
+            break
+    return done
+
+
+def run(cfg: LabelAutoConfig) -> dict:
+    from chatrlhf.labeling.store import Store
+
+    console = Console()
+    if cfg.noise < 0:
+        raise UserError("label auto: --noise must be 0 or more")
+    judge = make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
+    store = Store(cfg.db)
+    done = label(store, judge, cfg.noise, cfg.labelers, cfg.seed)
+    progress = store.progress()
+    for name, count in done.items():
+        if count:
+            console.print(f"{name}: ranked {count} tasks")
+    agreement = progress.get("agreement")
+    console.print(
+        f"{progress['complete']}/{progress['tasks']} tasks fully labelled; agreement between labelers "
+        + (f"{agreement:.3f}" if agreement is not None else "n/a (no task has two labelers)")
+    )
+    if getattr(judge, "unparsed", 0):
+        console.print(f"[yellow]llm judge: {judge.unparsed} replies held no rating 1-10 and counted as 1")
+    return progress

@@ -1,0 +1,282 @@
+"""`chatrlhf pipeline`: every stage from one config, InstructGPT's loop.
+
+    chatrlhf pipeline --config pipeline.yaml            # then, with human labelers, after ranking:
+    chatrlhf pipeline --config pipeline.yaml --resume
+
+SFT -> sample K answers per prompt -> rank (simulated labelers, or people in `chatrlhf label serve`) ->
+reward model on every ranking so far -> PPO, then (sample from the new policy -> rank -> RM -> PPO) for each
+further iteration, then `eval` of the final policy against the SFT model on held-out prompts, and
+`report.md`. The stage sections of the config (`sft`, `reward`, `ppo`) are the stages' own configs; the
+pipeline sets their model, data files, output_dir and seed.
+
+Each finished stage is recorded in `pipeline.json`; `--resume` skips those and lets an interrupted training
+stage continue from its last checkpoint. With `labeler: human` the run stops after sampling and says how to
+open the ranking app.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from chatrlhf.config import SFTConfig, help_field, save_config
+from chatrlhf.errors import UserError
+from chatrlhf.eval import EvalConfig
+from chatrlhf.labeling.auto import LabelAutoConfig
+from chatrlhf.ppo import PPOConfig
+from chatrlhf.reward import RewardConfig
+from chatrlhf.runs import atomic_write_text
+from chatrlhf.sample import SampleConfig
+
+STATE_FILE = "pipeline.json"
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = help_field("runs/pipeline", "where every stage, the labeling DB and report.md go")
+    model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
+    demonstrations: str = help_field("", "SFT demonstrations file")
+    prompts: str = help_field("", "prompts to sample answers for ranking and to run PPO on")
+    eval_prompts: str = help_field("", "held-out prompts for the final evaluation")
+    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    labeler: str = help_field(
+        "auto", "auto (a simulated labeler with `label.judge`) | human (the ranking app)"
+    )
+    db: str = help_field("", "labeling database; empty: labels.db in output_dir")
+    min_rankings: int = help_field(0, "human labeling: ranked tasks needed to go on; 0: every sampled task")
+    seed: int = help_field(1234, "seed of every stage")
+    resume: bool = help_field(False, "skip the finished stages of an earlier run in output_dir")
+    overwrite: bool = help_field(False, "delete an earlier run in output_dir and start again")
+    sample: SampleConfig = help_field(SampleConfig(), "sampling for ranking (prompts, db, model are set)")
+    label: LabelAutoConfig = help_field(LabelAutoConfig(), "the simulated labeler: judge, noise (db is set)")
+    sft: SFTConfig = help_field(SFTConfig(), "stage 1 settings (model, data.train, output_dir are set)")
+    reward: RewardConfig = help_field(RewardConfig(), "stage 2 settings (starts from the SFT model)")
+    ppo: PPOConfig = help_field(PPOConfig(), "stage 3 settings (policy, reference, reward model are set)")
+    eval: EvalConfig = help_field(EvalConfig(), "final evaluation (policy, baseline, prompts are set)")
+
+
+class Pipeline:
+    """The run folder: where each stage writes, and which stages are done (`pipeline.json`)."""
+
+    def __init__(self, cfg: PipelineConfig, console: Console):
+        self.cfg, self.console = cfg, console
+        self.out = Path(cfg.output_dir)
+        self.state_path = self.out / STATE_FILE
+        self.db = cfg.db or str(self.out / "labels.db")
+
+    def open(self) -> None:
+        cfg = self.cfg
+        if self.state_path.exists() and not cfg.resume:
+            if not cfg.overwrite:
+                raise UserError(
+                    f"pipeline: {self.out} holds an earlier run; continue it with --resume true, "
+                    "or start again with --overwrite true"
+                )
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.state_path.exists():
+            self._write({"stages": {}})
+        save_config(cfg, self.out / "pipeline_config.json")
+
+    @property
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text())
+
+    def done(self, stage: str) -> dict | None:
+        return self.state["stages"].get(stage)
+
+    def finish(self, stage: str, record: dict) -> dict:
+        state = self.state
+        state["stages"][stage] = record
+        self._write(state)
+        return record
+
+    def _write(self, state: dict) -> None:
+        atomic_write_text(self.state_path, json.dumps(state, indent=2) + "\n")
+
+    def stage(self, name: str, run) -> dict:
+        """Run a stage unless an earlier run of this folder finished it; its record either way."""
+        record = self.done(name)
+        if record is not None:
+            self.console.print(f"[dim]{name}: finished earlier, skipped")
+            return record
+        self.console.rule(f"[bold]{name}")
+        return self.finish(name, run())
+
+
+def _stage_cfg(section, pipe: Pipeline, **fields):
+    """A stage's config from its pipeline section, with what the pipeline decides filled in; a stage whose
+    output folder holds checkpoints from an interrupted run resumes from them."""
+    out = Path(fields["output_dir"])
+    resume = pipe.cfg.resume and (out / "checkpoints").is_dir()
+    return replace(section, seed=pipe.cfg.seed, resume=resume, overwrite=not resume, **fields)
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    for name in ("demonstrations", "prompts", "eval_prompts"):
+        if not getattr(cfg, name):
+            raise UserError(f"pipeline: say which file holds the {name.replace('_', ' ')}: --{name} FILE")
+        if not Path(getattr(cfg, name)).exists():
+            raise UserError(f"pipeline: --{name}: no such file: {getattr(cfg, name)}")
+    if cfg.iterations < 1:
+        raise UserError("pipeline: --iterations must be at least 1")
+    if cfg.labeler not in ("auto", "human"):
+        raise UserError(f"pipeline: --labeler must be auto or human, not {cfg.labeler!r}")
+
+
+def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
+    from chatrlhf.data import load_prompts
+    from chatrlhf.generation import SamplingConfig
+    from chatrlhf.labeling.store import Store, TaskIn
+    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
+    from chatrlhf.sample import draw
+
+    cfg = pipe.cfg.sample
+    store = Store(pipe.db)
+    conversations = load_prompts(pipe.cfg.prompts)
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy, tokenizer, pick_device())
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    tasks = []
+    for start in range(0, len(conversations), cfg.batch_prompts):
+        chunk = conversations[start : start + cfg.batch_prompts]
+        seed = (pipe.cfg.seed * 100003 + iteration) * 1009 + start
+        for d in draw(model, tokenizer, chunk, cfg.k, sampling, seed, cfg.max_tries, cfg.system_prompt):
+            if len(d.answers) >= 2:
+                meta = {**d.conversation.extra, "where": d.conversation.where, "seeds": d.seeds}
+                meta.update(iteration=iteration, model=policy, **asdict(sampling))
+                tasks.append(TaskIn(d.conversation.messages, d.answers, meta, cfg.labels_per_task))
+    ids = store.add_tasks(tasks)
+    pipe.console.print(f"{len(ids)} ranking tasks of up to {cfg.k} answers from {policy}")
+    return {"tasks": len(ids), "first_task": min(ids, default=0), "model": policy}
+
+
+def _label(pipe: Pipeline, iteration: int, sampled: dict) -> dict | None:
+    """Rankings of this iteration's tasks; None while people have not ranked enough of them."""
+    from chatrlhf.judges import make_judge
+    from chatrlhf.labeling.auto import label
+    from chatrlhf.labeling.store import Store
+
+    store = Store(pipe.db)
+    if pipe.cfg.labeler == "auto":
+        lc = pipe.cfg.label
+        judge = make_judge(lc.judge, lc.judge_model, lc.llm_base_url, lc.llm_api_key)
+        label(store, judge, lc.noise, lc.labelers, lc.seed * 1009 + pipe.cfg.seed)
+    ranked = [r for r in store.rankings() if r["meta"].get("iteration") == iteration]
+    needed = pipe.cfg.min_rankings or sampled["tasks"]
+    if pipe.cfg.labeler == "human" and len(ranked) < needed:
+        return None
+    agreement = store.progress().get("agreement")
+    pipe.console.print(f"{len(ranked)} tasks ranked; agreement between labelers: {agreement}")
+    return {"ranked": len(ranked), "agreement": agreement}
+
+
+def _wait_for_people(pipe: Pipeline, iteration: int) -> None:
+    cfg, c = pipe.cfg, pipe.console
+    c.rule("[bold yellow]waiting for rankings")
+    c.print(f"iteration {iteration}: the sampled answers wait for people to rank them in {pipe.db}.")
+    c.print(f"  add a labeler:    chatrlhf label labeler add NAME --db {pipe.db}")
+    c.print(f"  open the app:     chatrlhf label serve --db {pipe.db}   (then the page it prints)")
+    c.print(f"  then continue:    chatrlhf pipeline --config ... --output_dir {cfg.output_dir} --resume true")
+
+
+def _export_rankings(pipe: Pipeline, iteration: int) -> str:
+    from chatrlhf.labeling.store import Store
+
+    records = Store(pipe.db).rankings()
+    path = pipe.out / f"iter{iteration}" / "rankings.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    if len(records) < 2:
+        raise UserError(
+            f"pipeline: only {len(records)} ranked tasks in {pipe.db}; the reward model needs more"
+        )
+    return str(path)
+
+
+def _gold_fn(pipe: Pipeline):
+    """The simulated labeler's judge without its noise, logged beside the proxy reward during PPO."""
+    from chatrlhf.judges import make_judge
+
+    lc = pipe.cfg.label
+    if pipe.cfg.labeler != "auto" or lc.judge in ("rm", "llm"):
+        return None  # people have no score function; model judges would double PPO's cost
+    judge = make_judge(lc.judge, lc.judge_model, lc.llm_base_url, lc.llm_api_key)
+    return lambda convs, texts: [judge.scores(c, [t], {})[0] for c, t in zip(convs, texts)]
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from chatrlhf import ppo, reward, sft
+    from chatrlhf.eval import evaluate, write_result
+    from chatrlhf.report import write_report
+
+    check_config(cfg)
+    console = Console()
+    pipe = Pipeline(cfg, console)
+    pipe.open()
+    out = pipe.out
+
+    sft_cfg = _stage_cfg(
+        cfg.sft,
+        pipe,
+        model=cfg.model,
+        output_dir=str(out / "sft"),
+        data=replace(cfg.sft.data, train=cfg.demonstrations),
+    )
+    pipe.stage("sft", lambda: sft.train(sft_cfg))
+    sft_path = str(out / "sft")
+    policy = sft_path
+    for it in range(1, cfg.iterations + 1):
+        sampled = pipe.stage(f"iter{it}/sample", lambda p=policy, i=it: _sample(pipe, p, i))
+        if pipe.done(f"iter{it}/label") is None:
+            console.rule(f"[bold]iter{it}/label")
+            labelled = _label(pipe, it, sampled)
+            if labelled is None:
+                _wait_for_people(pipe, it)
+                return {"waiting": f"iter{it}/label"}
+            pipe.finish(f"iter{it}/label", labelled)
+        rm_path = str(out / f"iter{it}" / "rm")
+
+        def train_rm(i=it, path=rm_path):
+            data = replace(cfg.reward.data, train=_export_rankings(pipe, i))
+            return reward.train(_stage_cfg(cfg.reward, pipe, model=sft_path, output_dir=path, data=data))
+
+        pipe.stage(f"iter{it}/rm", train_rm)
+        ppo_path = str(out / f"iter{it}" / "ppo")
+        ppo_cfg = _stage_cfg(
+            cfg.ppo,
+            pipe,
+            model=policy,
+            reference_model=sft_path,
+            reward_model=rm_path,
+            output_dir=ppo_path,
+            data=replace(cfg.ppo.data, train=cfg.prompts),
+        )
+        pipe.stage(f"iter{it}/ppo", lambda c=ppo_cfg: ppo.train(c, gold_fn=_gold_fn(pipe)))
+        policy = ppo_path
+
+    eval_cfg = replace(
+        cfg.eval,
+        policy=policy,
+        baseline=sft_path,
+        prompts=cfg.eval_prompts,
+        judge=cfg.eval.judge or cfg.label.judge,
+        reward_model=cfg.eval.reward_model or str(out / f"iter{cfg.iterations}" / "rm"),
+        output=str(out / "eval"),
+        seed=cfg.seed,
+    )
+
+    def run_eval():
+        result = evaluate(eval_cfg)
+        write_result(result, eval_cfg, out / "eval")
+        return {k: v for k, v in asdict(result).items() if k != "rows"}
+
+    figures = pipe.stage("eval", run_eval)
+    report = write_report(pipe.out, cfg, pipe.state, figures, eval_cfg)
+    console.print(f"report: {report}")
+    console.print(f"chat with the result:  chatrlhf chat {policy}")
+    return {"report": str(report), "policy": policy, "eval": figures}

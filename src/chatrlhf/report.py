@@ -1,0 +1,121 @@
+"""`report.md` of a pipeline run: each stage's figures, its plots, and the final evaluation.
+
+The stage plots are the PNGs the stages wrote (`sft_curves.png`, `reward_curves.png`, `ppo_curves.png`);
+the report adds `proxy_vs_gold.png`, the reward model's score of the PPO rollouts against the gold judge's
+over all PPO steps (the over-optimisation picture of reward-model training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from chatrlhf.runs import atomic_write_text, read_metrics
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def proxy_vs_gold_plot(out: Path, iterations: int) -> Path | None:
+    """Mean proxy (RM) and gold (judge) reward per PPO step, the iterations end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxy, gold, offset, bounds = [], [], 0, []
+    for it in range(1, iterations + 1):
+        rows = read_metrics(out / f"iter{it}" / "ppo")
+        steps = [r for r in rows if "ppo/reward" in r]
+        proxy += [(offset + r["step"], r["ppo/reward"]) for r in steps]
+        gold += [(offset + r["step"], r["ppo/gold_reward"]) for r in steps if "ppo/gold_reward" in r]
+        offset += max((r["step"] for r in steps), default=0)
+        bounds.append(offset)
+    if not gold:
+        return None
+    fig, left = plt.subplots(figsize=(7, 3.6))
+    left.plot(*zip(*proxy), color="tab:blue", label="proxy: reward model score")
+    left.set_xlabel("PPO step")
+    left.set_ylabel("reward model score", color="tab:blue")
+    right = left.twinx()
+    right.plot(*zip(*gold), color="tab:orange", label="gold: judge score")
+    right.set_ylabel("gold judge score", color="tab:orange")
+    for b in bounds[:-1]:
+        left.axvline(b, color="grey", linestyle=":", linewidth=1)
+    fig.suptitle("proxy vs gold reward of the PPO rollouts")
+    fig.tight_layout()
+    path = out / "proxy_vs_gold.png"
+    tmp = path.with_name(".proxy_vs_gold.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
+    from chatrlhf.eval import EvalResult, summary_markdown
+
+    stages = state["stages"]
+    lines = [
+        f"# chatrlhf pipeline report: {out}",
+        "",
+        f"Starting model: `{cfg.model or 'SmolLM2-135M-Instruct (default)'}`; {cfg.iterations} iteration(s) of "
+        f"sample -> rank -> reward model -> PPO; labeler: {cfg.labeler}"
+        + (f" (judge `{cfg.label.judge}`, noise {cfg.label.noise})" if cfg.labeler == "auto" else "")
+        + f"; seed {cfg.seed}.",
+        "",
+        "## Stages",
+        "",
+        "| stage | figures |",
+        "|---|---|",
+    ]
+    sft = stages.get("sft", {})
+    lines.append(f"| SFT | final train loss {_fmt(sft.get('train/loss'))} |")
+    for it in range(1, cfg.iterations + 1):
+        s, lab = stages.get(f"iter{it}/sample", {}), stages.get(f"iter{it}/label", {})
+        rm, ppo = stages.get(f"iter{it}/rm", {}), stages.get(f"iter{it}/ppo", {})
+        lines.append(
+            f"| iteration {it}: sample | {s.get('tasks', '-')} ranking tasks from `{s.get('model', '-')}` |"
+        )
+        agreement = lab.get("agreement")
+        lines.append(
+            f"| iteration {it}: rank | {lab.get('ranked', '-')} tasks ranked; labeler agreement "
+            f"{_fmt(agreement) if agreement is not None else 'n/a (one labeler per task)'} |"
+        )
+        lines.append(
+            f"| iteration {it}: reward model | held-out accuracy {_fmt(rm.get('rm/accuracy'))}, "
+            f"train accuracy {_fmt(rm.get('rm/train_accuracy'))} |"
+        )
+        gold = f", gold judge score {_fmt(ppo['ppo/gold_reward'])}" if "ppo/gold_reward" in ppo else ""
+        lines.append(
+            f"| iteration {it}: PPO | last step: reward {_fmt(ppo.get('ppo/reward'))}, "
+            f"KL {_fmt(ppo.get('ppo/kl'))}{gold} |"
+        )
+    lines += ["", "## Plots", ""]
+    plots = [("SFT", out / "sft" / "sft_curves.png")]
+    for it in range(1, cfg.iterations + 1):
+        plots.append((f"reward model, iteration {it}", out / f"iter{it}" / "rm" / "reward_curves.png"))
+        plots.append((f"PPO, iteration {it}", out / f"iter{it}" / "ppo" / "ppo_curves.png"))
+    gold_plot = proxy_vs_gold_plot(out, cfg.iterations)
+    if gold_plot is not None:
+        plots.append(("proxy (reward model) vs gold (judge) reward over PPO steps", gold_plot))
+    for title, path in plots:
+        if path.exists():
+            lines += [f"### {title}", "", f"![{title}]({path.relative_to(out)})", ""]
+    lines += [
+        "## Evaluation: final policy vs the SFT model on held-out prompts",
+        "",
+        f"`chatrlhf eval --policy {eval_cfg.policy} --baseline {eval_cfg.baseline} --prompts {eval_cfg.prompts} "
+        f"--judge {eval_cfg.judge}`",
+        "",
+    ]
+    if figures:
+        rows_file = out / "eval" / "samples.jsonl"
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+        result = EvalResult(**{**figures, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
+        lines.append(summary_markdown(result, eval_cfg.judge, eval_cfg.show))
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

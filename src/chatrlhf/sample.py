@@ -1,0 +1,137 @@
+"""`chatrlhf sample`: K distinct answers per prompt from a model, loaded as ranking tasks into the labeling DB.
+
+    chatrlhf sample --prompts prompts.jsonl --k 4 --db labels.db --model runs/x/sft
+
+Answers come from the shared generation engine, a batch of prompts x K rows at a time. An answer that
+repeats another of its prompt (or is empty) is drawn again, up to `max_tries` rounds; a prompt left with fewer
+than 2 distinct answers is reported and skipped. Every task records the model, the sampling settings and the
+seed of the batch each answer came from, plus the prompt record's other fields (a judge's `reference`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from chatrlhf.chat import prompt_ids
+from chatrlhf.config import help_field
+from chatrlhf.data import Conversation, DataError, load_prompts
+from chatrlhf.errors import UserError
+from chatrlhf.generation import SamplingConfig, generate, response_token_lists
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = help_field("", "prompts file: {'prompt': str | messages} or {'messages': [...]} per line")
+    k: int = help_field(4, "answers per prompt (K)")
+    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
+    model: str = help_field("", "model to sample from; empty for the default SmolLM2-135M-Instruct")
+    max_new_tokens: int = help_field(128, "longest answer in tokens")
+    temperature: float = help_field(1.0, "sampling temperature (InstructGPT samples at 1)")
+    top_p: float = help_field(1.0, "nucleus sampling threshold")
+    top_k: int = help_field(0, "sample among the k most likely tokens; 0 is off")
+    labels_per_task: int = help_field(1, "distinct labelers wanted for each task")
+    batch_prompts: int = help_field(8, "prompts per generation batch (each gives K rows)")
+    max_tries: int = help_field(4, "rounds of redrawing answers that repeat another")
+    system_prompt: str = help_field("", "system turn added before each prompt that has none")
+    seed: int = help_field(0, "random seed")
+
+
+def check_config(cfg: SampleConfig) -> None:
+    if not cfg.prompts:
+        raise UserError("sample: say which prompts to answer: --prompts FILE")
+    for name in ("k", "max_new_tokens", "labels_per_task", "batch_prompts", "max_tries"):
+        if getattr(cfg, name) < (2 if name == "k" else 1):
+            raise UserError(f"sample: --{name} must be at least {2 if name == 'k' else 1}")
+    if cfg.temperature <= 0:
+        raise UserError("sample: --temperature must be above 0: greedy decoding gives K equal answers")
+
+
+@dataclass
+class Drawn:
+    conversation: Conversation
+    answers: list[str]
+    seeds: list[int]  # (K,) seed of the batch each answer came from
+
+
+def draw(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    k: int,
+    sampling: SamplingConfig,
+    seed: int,
+    max_tries: int = 4,
+    system_prompt: str = "",
+) -> list[Drawn]:
+    """K distinct answers to each conversation (fewer where redrawing found no more), in one batch."""
+    device = next(model.parameters()).device
+    drawn = [Drawn(c, [], []) for c in conversations]
+    prompts = [prompt_ids(tokenizer, c.messages, system_prompt) for c in conversations]
+    for attempt in range(max_tries):
+        rows = [i for i, d in enumerate(drawn) for _ in range(k - len(d.answers))]
+        if not rows:
+            break
+        batch_seed = seed * 1000 + attempt
+        generator = torch.Generator(device=device).manual_seed(batch_seed)
+        gen = generate(
+            model,
+            [prompts[i] for i in rows],
+            sampling,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            generator,
+        )
+        for i, ids in zip(rows, response_token_lists(gen, tokenizer.eos_token_id)):
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if text and text not in drawn[i].answers and len(drawn[i].answers) < k:
+                drawn[i].answers.append(text)
+                drawn[i].seeds.append(batch_seed)
+    return drawn
+
+
+def run(cfg: SampleConfig) -> list[int]:
+    from chatrlhf.labeling.store import Store, TaskIn
+    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+
+    check_config(cfg)
+    console = Console()
+    conversations = load_prompts(cfg.prompts)
+    store = Store(cfg.db)  # opened before the model loads: a bad URL fails fast
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, tokenizer, pick_device())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise DataError(
+            f"sample: the tokenizer of {model_path} has {len(tokenizer)} tokens, the model {vocab}"
+        )
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    settings = {"model": cfg.model or model_path, **asdict(sampling)}
+    task_ids: list[int] = []
+    skipped: list[str] = []
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("sampling", total=len(conversations))
+        for start in range(0, len(conversations), cfg.batch_prompts):
+            chunk = conversations[start : start + cfg.batch_prompts]
+            seed = cfg.seed * 100003 + start
+            tasks = []
+            for d in draw(model, tokenizer, chunk, cfg.k, sampling, seed, cfg.max_tries, cfg.system_prompt):
+                if len(d.answers) < 2:
+                    skipped.append(d.conversation.where)
+                    continue
+                meta = {**d.conversation.extra, "where": d.conversation.where, "seeds": d.seeds, **settings}
+                tasks.append(TaskIn(d.conversation.messages, d.answers, meta, cfg.labels_per_task))
+            task_ids += store.add_tasks(tasks)  # each batch lands whole; an interrupted run keeps what landed
+            progress.advance(bar, len(chunk))
+    for where in skipped:
+        console.print(f"[yellow]{where}: fewer than 2 distinct answers after {cfg.max_tries} tries; skipped")
+    console.print(
+        f"{len(task_ids)} ranking tasks of up to {cfg.k} answers added to {cfg.db}"
+        + (f" ({len(skipped)} prompts skipped)" if skipped else "")
+    )
+    return task_ids
