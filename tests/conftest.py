@@ -102,3 +102,100 @@ def demo_rows(n: int = 16) -> list[dict]:
 @pytest.fixture
 def demos_file(tmp_path) -> str:
     return write_jsonl(tmp_path / "demos.jsonl", demo_rows())
+
+
+# --------------------------------------------------------------------------------------------------
+# labeling databases: a SQLite file, and a throwaway PostgreSQL cluster started for the session
+
+
+def _postgres_bin() -> Path | None:
+    import glob
+
+    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    if not found:
+        return None
+    newest = max(found, key=lambda p: [int(x) for x in Path(p).parts[-3].split(".") if x.isdigit()])
+    return Path(newest).parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """`postgresql://postgres@127.0.0.1:PORT` of a cluster in a temporary folder, stopped after the session.
+
+    PostgreSQL refuses to run as root, so under root it runs as the `postgres` user the Debian package makes.
+    """
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does it)")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="chatrlhf-pg-"))
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = root / "data", root / "server.log"
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, check=check)
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+            "--locale=C", "--no-sync")  # fmt: skip
+        # fsync off: a throwaway cluster; durability of acknowledged writes is the server's own guarantee
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or (log.read_text() if log.exists() else "") or str(e)
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"PostgreSQL could not be started here: {detail.strip()[-300:]}")
+    yield f"postgresql://postgres@127.0.0.1:{port}"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"labels_{next(_databases)}"
+    with psycopg.connect(postgres_server + "/postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"{postgres_server}/{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def labels_db(request, tmp_path) -> str:
+    """A fresh labeling database URL on each backend."""
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.db")
+    return request.getfixturevalue("postgres_url")
+
+
+def db_snapshot(store) -> dict[str, list[tuple]]:
+    """Every row of every labeling table, for "nothing changed" assertions."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from chatrlhf.labeling.store import Base
+
+    with Session(store.engine) as session:
+        return {
+            table.name: sorted(tuple(row) for row in session.execute(select(table)).all())
+            for table in Base.metadata.sorted_tables
+        }
