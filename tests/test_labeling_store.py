@@ -14,7 +14,7 @@ from datetime import datetime
 
 import httpx
 import pytest
-from conftest import chatrlhf, db_snapshot
+from conftest import db_snapshot
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -391,8 +391,10 @@ def test_labeler_add_prints_the_token_last(store, capsys):
         add_labeler(LabelerAddConfig(name="", db=store.url))
 
 
-def test_label_commands_end_to_end(tmp_path):
+def test_label_commands_end_to_end(tmp_path, capsys):
     """`label serve`, `label labeler add NAME` and `label export` as a user runs them."""
+    from chatrlhf.cli import main
+
     db = str(tmp_path / "labels.db")
     store = Store(db)
     store.add_tasks([task(1)])
@@ -427,14 +429,18 @@ def test_label_commands_end_to_end(tmp_path):
             view = client.get("/api/tasks/next").json()
             by_text = {"answer 1.0": 2, "answer 1.1": 1, "answer 1.2": 3}
             answers = [{"id": a["id"], "rank": by_text[a["text"]]} for a in view["answers"]]
-            assert (
-                client.post(f"/api/tasks/{view['task_id']}/submit", json={"answers": answers}).status_code
-                == 201
-            )
+            submitted = client.post(f"/api/tasks/{view['task_id']}/submit", json={"answers": answers})
+            assert submitted.status_code == 201
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+    # export through the command line's own entry point, in this process (its start-up imports are paid)
     out = tmp_path / "rankings.jsonl"
-    exported = chatrlhf("label", "export", "--db", db, "--out", str(out))
-    assert exported.returncode == 0, exported.stderr
+    main(["label", "export", "--db", db, "--out", str(out)])
+    assert f"wrote 1 rankings (tasks) to {out}" in capsys.readouterr().out
     assert [r.ranks for r in load_rankings(str(out))] == [[2, 1, 3]]
+    with pytest.raises(SystemExit) as e:
+        main(["label", "export", "--db", str(tmp_path / "typo.db"), "--out", str(out)])
+    assert e.value.code == 2
+    assert "no such labeling database" in capsys.readouterr().err

@@ -4,9 +4,10 @@ SQLAlchemy ORM over a SQLite file (the default) or PostgreSQL (`postgresql://use
 uses bound parameters. Assignment hands each task to `labels_per_task` distinct labelers: a labeler holds a
 task under a lease (30 minutes by default) so that concurrent labelers are not handed the same task, gets the
 same task back until they submit or skip it (a reload or a server restart resumes where they were), and is
-never offered a task they skipped. Deciding who gets a task and accepting a submission run one at a time
-(SQLite: `BEGIN IMMEDIATE`; PostgreSQL: a transaction-level advisory lock), and a unique (task, labeler)
-constraint on submissions makes a double submit impossible even when that lock is bypassed.
+never offered a task they skipped. Deciding who gets a task runs one decision at a time (SQLite: writers
+take the lock up front with `BEGIN IMMEDIATE`; PostgreSQL: a transaction-level advisory lock); a submission
+under a live lease needs no such wait, because a unique (task, labeler) constraint makes a double submit
+impossible and the task's label count is incremented in SQL.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
@@ -291,11 +293,16 @@ class Store:
 
     @contextmanager
     def _write(self, serial: bool = False) -> Iterator[Session]:
-        """A write transaction; `serial` ones (assignment, submission) run one at a time across processes."""
+        """A write transaction; `serial` ones (assignment) run one at a time across processes."""
         with Session(self._writer, expire_on_commit=False) as session, session.begin():
-            if serial and self.postgres:
-                session.execute(select(func.pg_advisory_xact_lock(ASSIGN_LOCK_KEY)))
+            if serial:
+                self._serialize(session)
             yield session
+
+    def _serialize(self, session: Session) -> None:
+        """Wait until no other transaction decides assignments (SQLite's writers are serial already)."""
+        if self.postgres:
+            session.execute(select(func.pg_advisory_xact_lock(ASSIGN_LOCK_KEY)))
 
     # ---- tasks and labelers
 
@@ -410,7 +417,7 @@ class Store:
         """Store one labeler's ranking of a task assigned to them; returns the submission id."""
         now = _now()
         try:
-            with self._write(serial=True) as session:
+            with self._write() as session:
                 task = session.get(TaskRow, task_id)
                 if task is None:
                     raise Rejected(404, f"no task {task_id}")
@@ -430,21 +437,33 @@ class Store:
                     why = "you skipped it" if own is not None else "ask for it with GET /api/tasks/next"
                     raise Rejected(409, f"task {task_id} is not assigned to you ({why})")
                 if own.leased_until <= now:
+                    # a lapsed lease counts only if nobody took the slot meanwhile; that is decided like an
+                    # assignment, one at a time
+                    self._serialize(session)
+                    labels = session.scalar(select(TaskRow.labels).where(TaskRow.id == task_id))
                     held = session.scalar(select(_held_by_others(labeler_id, now, task_id)))
-                    if task.labels + held >= task.labels_per_task:
+                    if labels + held >= task.labels_per_task:
                         raise Rejected(
                             409, f"your lease on task {task_id} expired and other labelers have taken it"
                         )
-                ranks = _checked(task, submission)
-                row = SubmissionRow(task_id=task_id, labeler_id=labeler_id, note=submission.note, ranks=ranks)
+                row = SubmissionRow(
+                    task_id=task_id,
+                    labeler_id=labeler_id,
+                    note=submission.note,
+                    ranks=_checked(task, submission),
+                )
                 session.add(row)
                 own.status = "submitted"
-                task.labels += 1
-                task.complete = task.labels >= task.labels_per_task
                 session.flush()
+                # counted in SQL, so that concurrent submissions to one task cannot lose a count
+                session.execute(
+                    update(TaskRow)
+                    .where(TaskRow.id == task_id)
+                    .values(labels=TaskRow.labels + 1, complete=TaskRow.labels + 1 >= TaskRow.labels_per_task)
+                )
                 return row.id
         except IntegrityError:
-            # only a submission racing past the lock can get here; the unique constraint stopped it
+            # two submissions of one task by one labeler raced; the unique constraint let one through
             raise Rejected(409, f"task {task_id} is already submitted") from None
 
     def update_submission(self, labeler_id: int, submission_id: int, submission: SubmissionIn) -> None:
