@@ -1,0 +1,153 @@
+"""`chatrlhf eval` and `chatrlhf pipeline`: the numbers, repeatability, resume, and waiting for people."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import chatrlhf, make_tiny_model, write_jsonl
+
+from chatrlhf.eval import bootstrap_ci
+
+PROMPTS = [
+    {"prompt": f"Describe {topic} in at most 5 words, in all lowercase."}
+    for topic in ("tea", "rain", "maps", "salt")
+] + [
+    {"prompt": f"Describe {topic} as exactly 2 bullet points."}
+    for topic in ("jazz", "bread", "glass", "cats")
+]
+DEMOS = [
+    {"prompt": "Describe tea in at most 5 words, in all lowercase.", "completion": "tea is a warm drink."}
+] * 4
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci([[1.0], [1.0], [1.0]], seed=0) == (1.0, 1.0)
+    lo, hi = bootstrap_ci([[1.0, 0.0]] * 10 + [[0.5]] * 10, seed=0)
+    assert lo <= 0.5 <= hi and hi - lo < 0.3
+
+
+def test_eval_of_a_model_against_itself_is_all_ties_and_zero_kl(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "eval"
+    args = ["--policy", tiny_model, "--baseline", tiny_model, "--prompts", prompts, "--judge", "rule"]
+    result = chatrlhf("eval", *args, "--max_new_tokens", "6", "--samples", "2", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((out / "eval.json").read_text())
+    assert figures["pairs"] == 16 and figures["ties"] == 16 and figures["win_rate"] == 0.5
+    assert figures["win_rate_ci"] == [0.5, 0.5]
+    assert abs(figures["kl"]) < 1e-3  # same weights: log-ratios cancel up to float error
+    assert figures["success_rate"]["policy"] == figures["success_rate"]["baseline"]
+    assert "win-rate over baseline" in (out / "eval.md").read_text()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 16
+
+
+def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
+    other = make_tiny_model(tmp_path / "other", tokenizer, seed=5)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    args = ["--policy", other, "--baseline", tiny_model, "--prompts", prompts, "--max_new_tokens", "6"]
+    result = chatrlhf("eval", *args, "--temperature", "1.0", "--output", str(tmp_path / "e"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert figures["wins"] + figures["ties"] + figures["losses"] == 8
+    assert figures["win_rate"] == pytest.approx((figures["wins"] + 0.5 * figures["ties"]) / 8)
+    lo, hi = figures["win_rate_ci"]
+    assert lo <= figures["win_rate"] <= hi
+    assert figures["kl"] > 0.01  # two random models disagree (near-uniform, so only a little)
+
+
+def _pipeline_files(tmp_path) -> list[str]:
+    return [
+        "--demonstrations",
+        write_jsonl(tmp_path / "demos.jsonl", DEMOS),
+        "--prompts",
+        write_jsonl(tmp_path / "prompts.jsonl", PROMPTS),
+        "--eval_prompts",
+        write_jsonl(tmp_path / "eval.jsonl", PROMPTS[:4]),
+    ]
+
+
+def _config(tmp_path, model: str) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        f"model: {model}\nseed: 3\nsample:\n  k: 3\n  max_new_tokens: 6\nlabel:\n  noise: 0.1\n"
+        "sft:\n  max_steps: 2\n  batch_size: 2\nreward:\n  epochs: 1\n  batch_size: 4\n  eval_fraction: 0.25\n"
+        "ppo:\n  max_steps: 2\n  batch_size: 4\n  max_new_tokens: 6\n  save_every: 0\n"
+        "eval:\n  max_new_tokens: 6\n"
+    )
+    return str(path)
+
+
+def _figures(out) -> dict:
+    state = json.loads((out / "pipeline.json").read_text())
+    drop = ("timing/", "tokens_per_s")
+    return {
+        stage: {k: v for k, v in record.items() if not k.startswith(drop) and not k.endswith(drop)}
+        for stage, record in state["stages"].items()
+    }
+
+
+def test_pipeline_twice_with_one_seed_gives_the_same_numbers(tiny_model, tmp_path):
+    files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        result = chatrlhf("pipeline", "--config", cfg, *files, "--output_dir", str(out), "--iterations", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = _figures(outs[0]), _figures(outs[1])
+    assert list(first) == [
+        "sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo",
+        "iter2/sample", "iter2/label", "iter2/rm", "iter2/ppo", "eval",
+    ]  # fmt: skip
+    first["iter1/sample"].pop("model"), second["iter1/sample"].pop("model")
+    first["iter2/sample"].pop("model"), second["iter2/sample"].pop("model")
+    assert first == second
+    run = json.loads((outs[0] / "iter2" / "ppo" / "run.json").read_text())
+    assert run["lineage"]["reference"] == str(outs[0] / "sft")  # KL to the SFT model, not to iteration 1
+    assert run["lineage"]["parent"] == str(outs[0] / "iter1" / "ppo")
+    report = (outs[0] / "report.md").read_text()
+    assert "iteration 2: reward model" in report and "![PPO, iteration 2](iter2/ppo/ppo_curves.png)" in report
+
+
+def test_pipeline_waits_for_people_then_resumes_without_redoing_stages(tiny_model, tmp_path):
+    files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", cfg, *files, "--output_dir", str(out), "--labeler", "human"]
+    result = chatrlhf(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "chatrlhf label serve --db" in result.stdout and "--resume true" in result.stdout
+    assert list(_figures(out)) == ["sft", "iter1/sample"]
+    sft_written = (out / "sft" / "run.json").stat().st_mtime_ns
+
+    again = chatrlhf(*args)
+    assert (
+        again.returncode == 2 and "--resume true" in again.stderr
+    )  # a finished stage is never silently redone
+
+    result = chatrlhf(*args, "--resume", "true")  # nobody has ranked yet: still waiting
+    assert result.returncode == 0 and "waiting for rankings" in result.stdout
+
+    # people rank (a simulated labeler stands in), then the run continues from where it stopped
+    ranked = chatrlhf("label", "auto", "--db", str(out / "labels.db"), "--judge", "rule", "--noise", "0.1")
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    result = chatrlhf(*args, "--resume", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sft: finished earlier, skipped" in result.stdout
+    assert list(_figures(out))[-1] == "eval" and (out / "report.md").is_file()
+    assert (out / "sft" / "run.json").stat().st_mtime_ns == sft_written
+
+    # stopped during PPO: its record is gone; --resume redoes PPO and what follows, nothing before
+    state = json.loads((out / "pipeline.json").read_text())
+    del state["stages"]["iter1/ppo"], state["stages"]["eval"]
+    (out / "pipeline.json").write_text(json.dumps(state))
+    rm_written = (out / "iter1" / "rm" / "run.json").stat().st_mtime_ns
+    result = chatrlhf(*args, "--resume", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iter1/rm: finished earlier, skipped" in result.stdout
+    assert (out / "iter1" / "rm" / "run.json").stat().st_mtime_ns == rm_written
+    assert list(_figures(out))[-2:] == ["iter1/ppo", "eval"]
+
+
+def test_pipeline_refuses_missing_files(tmp_path):
+    result = chatrlhf("pipeline", "--output_dir", str(tmp_path / "x"), "--demonstrations", "nope.jsonl")
+    assert result.returncode == 2 and "no such file: nope.jsonl" in result.stderr
+    assert not (tmp_path / "x").exists()
