@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -225,6 +226,32 @@ def test_malformed_and_stale_submissions_change_nothing(any_store):
             store.update_submission(ann, sid, submission)
         assert e.value.status == status, name
     assert db_snapshot(store) == before
+
+
+def test_racing_double_submits_store_one(any_store):
+    """Each labeler submits their task twice at the same instant: one wins, the other gets 409."""
+    store = any_store
+    store.add_tasks(task(i) for i in range(8))
+    held = [(labeler, store.next_task(labeler)) for labeler in people(store, *(f"l{n}" for n in range(8)))]
+    outcomes: list[int] = []
+    barrier = threading.Barrier(2 * len(held))
+
+    def submit(labeler: int, view: TaskView) -> None:
+        barrier.wait()
+        try:
+            store.submit(labeler, view.task_id, in_order(view))
+            outcomes.append(201)
+        except Rejected as e:
+            outcomes.append(e.status)
+
+    threads = [threading.Thread(target=submit, args=pair) for pair in held for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [201] * 8 + [409] * 8
+    progress = store.progress()
+    assert (progress["submissions"], progress["complete"]) == (8, 8)
 
 
 def test_restart_loses_nothing_and_resumes(labels_db):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import random
 import re
 import secrets
@@ -602,6 +603,10 @@ def _task_row(task: TaskIn, index: int) -> TaskRow:
         raise UserError(f"{where}: the responses must be distinct (a labeler cannot rank two copies)")
     if not isinstance(task.labels_per_task, int) or task.labels_per_task < 1:
         raise UserError(f"{where}: `labels_per_task` must be at least 1, got {task.labels_per_task!r}")
+    try:
+        json.dumps(task.meta)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: `meta` must be JSON data: {e}") from None
     if not isinstance(task.meta, dict):
         raise UserError(f"{where}: `meta` must be a mapping")
     return TaskRow(
@@ -669,7 +674,9 @@ def _checked(task: TaskRow, submission: SubmissionIn) -> list[RankRow]:
             raise Rejected(
                 400, f"answer {a.id}: score must be an integer from {low} to {high}, got {a.score!r}"
             )
-        flags = list(a.flags or [])
+        if not isinstance(a.flags, (list, tuple)):
+            raise Rejected(400, f"answer {a.id}: flags must be a list, got {a.flags!r}")
+        flags = list(a.flags)
         unknown = [f for f in flags if f not in FLAGS]
         if unknown:
             raise Rejected(400, f"answer {a.id}: unknown flag {unknown[0]!r} (known: {', '.join(FLAGS)})")
