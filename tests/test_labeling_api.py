@@ -89,6 +89,8 @@ def test_every_api_route_needs_a_token(site):
         assert response.status_code == 403, (method, path)
     assert db_snapshot(store) == before
     assert client.get("/api/me", headers=auth(tokens["boss"])).json() == {"name": "boss", "admin": True}
+    page = client.get("/")  # the page itself is public; it asks for the token
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
 def test_label_a_task_and_see_only_your_own(site):
@@ -215,7 +217,8 @@ def test_admin_routes(site):
     }
     duplicate = client.post("/api/admin/labelers", headers=boss, json={"name": "carl"})
     assert duplicate.status_code == 409 and "already exists" in duplicate.json()["detail"]
-    assert client.post("/api/admin/labelers", headers=boss, json={"name": ""}).status_code == 422
+    for blank in ("", "   "):
+        assert client.post("/api/admin/labelers", headers=boss, json={"name": blank}).status_code == 422
 
     exported = client.get("/api/admin/export", headers=boss).json()
     assert [(r["task_id"], r["labels"]) for r in exported] == [(1, 1), (2, 1)]

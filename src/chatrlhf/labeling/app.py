@@ -135,6 +135,8 @@ def create_app(store: Store) -> FastAPI:
 
     @app.post("/api/admin/labelers", status_code=201)
     def add_labeler(body: LabelerBody, _: Admin):
+        if not body.name.strip():
+            raise HTTPException(422, "name: must not be blank")
         try:
             token = store.add_labeler(body.name, body.admin)
         except UserError as e:

@@ -397,20 +397,23 @@ class Store:
 
     def skip(self, labeler_id: int, task_id: int) -> None:
         """Never offer this task to this labeler again."""
-        with self._write() as session:
-            if session.get(TaskRow, task_id) is None:
-                raise Rejected(404, f"no task {task_id}")
-            own = _assignment(session, task_id, labeler_id)
-            if own is not None and own.status == "submitted":
-                raise Rejected(409, f"task {task_id} is already submitted; it cannot be skipped")
-            if own is None:
-                session.add(
-                    AssignmentRow(
-                        task_id=task_id, labeler_id=labeler_id, status="skipped", leased_until=_now()
+        try:
+            with self._write() as session:
+                if session.get(TaskRow, task_id) is None:
+                    raise Rejected(404, f"no task {task_id}")
+                own = _assignment(session, task_id, labeler_id)
+                if own is not None and own.status == "submitted":
+                    raise Rejected(409, f"task {task_id} is already submitted; it cannot be skipped")
+                if own is None:
+                    session.add(
+                        AssignmentRow(
+                            task_id=task_id, labeler_id=labeler_id, status="skipped", leased_until=_now()
+                        )
                     )
-                )
-            else:
-                own.status = "skipped"
+                else:
+                    own.status = "skipped"
+        except IntegrityError:  # the task was being assigned to this labeler at the same instant
+            raise Rejected(409, f"task {task_id} changed meanwhile; skip it again") from None
 
     # ---- submissions
 
@@ -492,12 +495,14 @@ class Store:
 
     # ---- export and statistics
 
-    def _all_labels(self) -> tuple[dict[int, dict[int, list[int]]], dict[int, TaskRow], list[SubmissionRow]]:
+    @staticmethod
+    def _all_labels(
+        session: Session,
+    ) -> tuple[dict[int, dict[int, list[int]]], dict[int, TaskRow], list[SubmissionRow]]:
         """labels[task_id][labeler_id] = ranks in the task's stored response order, with tasks and submissions."""
-        with self._read() as session:
-            submissions = session.scalars(select(SubmissionRow).order_by(SubmissionRow.id)).all()
-            task_ids = sorted({s.task_id for s in submissions})
-            tasks = {t.id: t for t in session.scalars(select(TaskRow).where(TaskRow.id.in_(task_ids)))}
+        submissions = session.scalars(select(SubmissionRow).order_by(SubmissionRow.id)).all()
+        task_ids = sorted({s.task_id for s in submissions})
+        tasks = {t.id: t for t in session.scalars(select(TaskRow).where(TaskRow.id.in_(task_ids)))}
         labels: dict[int, dict[int, list[int]]] = {}
         for s in submissions:
             by_response = {r.response_id: r.rank for r in s.ranks}
@@ -508,8 +513,8 @@ class Store:
 
     def rankings(self, per_labeler: bool = False, min_labels: int = 1) -> list[dict]:
         """Export records in the reward stage's rankings format (see module `chatrlhf.preferences`)."""
-        labels, tasks, submissions = self._all_labels()
         with self._read() as session:
+            labels, tasks, submissions = self._all_labels(session)
             names = dict(session.execute(select(LabelerRow.id, LabelerRow.name)).tuples().all())
         records = []
         if per_labeler:
@@ -537,8 +542,8 @@ class Store:
         return records
 
     def progress(self) -> dict[str, Any]:
-        labels, _, _ = self._all_labels()
         with self._read() as session:
+            labels, _, _ = self._all_labels(session)
             count = session.scalar  # a count query's single value
             submitted = dict(
                 session.execute(
