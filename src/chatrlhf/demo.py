@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from chatrlhf.config import SFTConfig, help_field
+from chatrlhf.config import LoraConfig, SFTConfig, help_field
 from chatrlhf.eval import EvalConfig
 from chatrlhf.labeling.auto import LabelAutoConfig
 from chatrlhf.pipeline import PipelineConfig
@@ -129,10 +129,10 @@ class DemoConfig:
     iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
     best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
     sft_steps: int = help_field(12, "SFT optimizer steps")
-    k: int = help_field(4, "answers per prompt to rank")
+    k: int = help_field(6, "answers per prompt to rank")
     noise: float = help_field(0.05, "the simulated labeler's noise")
     rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
-    ppo_steps: int = help_field(12, "PPO steps per iteration")
+    ppo_steps: int = help_field(10, "PPO steps per iteration")
     max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
@@ -156,13 +156,14 @@ def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
         label=LabelAutoConfig(judge="rule", noise=cfg.noise, seed=cfg.seed),
         sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
         reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=2e-5, eval_fraction=0.15, save_every=0),
-        ppo=PPOConfig(
+        ppo=PPOConfig(  # LoRA: a third less update compute, and a rate at which 10 steps move the policy
             max_steps=cfg.ppo_steps,
             batch_size=16,
-            lr=3e-6,
+            lr=1e-4,
+            lora=LoraConfig(rank=16),
             max_new_tokens=tokens,
             kl_coef=0.02,
-            ppo_epochs=2,
+            ppo_epochs=1,
             minibatches=2,
             missing_eos_penalty=1.0,
             save_every=0,

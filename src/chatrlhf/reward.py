@@ -80,10 +80,17 @@ class RankedItem:
 def load_reward_model(name_or_path: str, tokenizer, device, init_head: bool = False):
     """A one-label sequence-classification model; a new head is drawn from N(0, 1/sqrt(d+1))."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=1, dtype=torch.float32
-    )
+    verbosity = hf_logging.get_verbosity()
+    if init_head:  # a causal LM has no score head yet: the load report listing it as missing is expected
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=torch.float32
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     match_tokenizer(model, tokenizer)
     disable_dropout(model)
     if init_head:
