@@ -80,7 +80,7 @@ def _config(tmp_path, model: str) -> str:
 
 def _figures(out) -> dict:
     state = json.loads((out / "pipeline.json").read_text())
-    drop = ("timing/", "tokens_per_s")
+    drop = ("timing/", "tokens_per_s", "seconds")
     return {
         stage: {k: v for k, v in record.items() if not k.startswith(drop) and not k.endswith(drop)}
         for stage, record in state["stages"].items()

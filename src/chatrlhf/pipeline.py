@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -105,7 +106,9 @@ class Pipeline:
             self.console.print(f"[dim]{name}: finished earlier, skipped")
             return record
         self.console.rule(f"[bold]{name}")
-        return self.finish(name, run())
+        began = time.perf_counter()
+        record = run()
+        return self.finish(name, {**record, "seconds": round(time.perf_counter() - began, 1)})
 
 
 def _stage_cfg(section, pipe: Pipeline, **fields):

@@ -93,6 +93,12 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
             f"| iteration {it}: PPO | last step: reward {_fmt(ppo.get('ppo/reward'))}, "
             f"KL {_fmt(ppo.get('ppo/kl'))}{gold} |"
         )
+    seconds = {name: record["seconds"] for name, record in stages.items() if "seconds" in record}
+    if seconds:
+        lines += [
+            "",
+            "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
+        ]
     lines += ["", "## Plots", ""]
     plots = [("SFT", out / "sft" / "sft_curves.png")]
     for it in range(1, cfg.iterations + 1):
