@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from chatrlhf.runs import atomic_write_text, read_metrics
@@ -120,7 +121,9 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
     if figures:
         rows_file = out / "eval" / "samples.jsonl"
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-        result = EvalResult(**{**figures, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
+        known = {f.name for f in fields(EvalResult)}
+        kept = {k: v for k, v in figures.items() if k in known}  # the stage record adds its wall time
+        result = EvalResult(**{**kept, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
         lines.append(summary_markdown(result, eval_cfg.judge, eval_cfg.show))
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
