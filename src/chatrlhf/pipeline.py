@@ -133,27 +133,19 @@ def check_config(cfg: PipelineConfig) -> None:
 
 def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
     from chatrlhf.data import load_prompts
-    from chatrlhf.generation import SamplingConfig
-    from chatrlhf.labeling.store import Store, TaskIn
+    from chatrlhf.labeling.store import Store
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
-    from chatrlhf.sample import draw
+    from chatrlhf.sample import sample_tasks
 
-    cfg = pipe.cfg.sample
+    cfg = replace(pipe.cfg.sample, seed=pipe.cfg.seed * 1009 + iteration)
     store = Store(pipe.db)
     conversations = load_prompts(pipe.cfg.prompts)
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy, tokenizer, pick_device())
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     tasks = []
-    for start in range(0, len(conversations), cfg.batch_prompts):
-        chunk = conversations[start : start + cfg.batch_prompts]
-        seed = (pipe.cfg.seed * 100003 + iteration) * 1009 + start
-        for d in draw(model, tokenizer, chunk, cfg.k, sampling, seed, cfg.max_tries, cfg.system_prompt):
-            if len(d.answers) >= 2:
-                meta = {**d.conversation.extra, "where": d.conversation.where, "seeds": d.seeds}
-                meta.update(iteration=iteration, model=policy, **asdict(sampling))
-                tasks.append(TaskIn(d.conversation.messages, d.answers, meta, cfg.labels_per_task))
-    ids = store.add_tasks(tasks)
+    for batch, _, _ in sample_tasks(model, tokenizer, conversations, cfg, policy, {"iteration": iteration}):
+        tasks += batch
+    ids = store.add_tasks(tasks)  # all at once: a rerun after an interruption never holds half an iteration
     pipe.console.print(f"{len(ids)} ranking tasks of up to {cfg.k} answers from {policy}")
     return {"tasks": len(ids), "first_task": min(ids, default=0), "model": policy}
 

@@ -10,7 +10,7 @@ seed of the batch each answer came from, plus the prompt record's other fields (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -94,8 +94,30 @@ def draw(
     return drawn
 
 
+def sample_tasks(
+    model, tokenizer, conversations: Sequence[Conversation], cfg: SampleConfig, model_name: str, extra: dict
+) -> Iterator[tuple[list, list[str], int]]:
+    """Per batch of `batch_prompts` prompts: (ranking tasks, prompts skipped, prompts done). Each task's meta
+    holds the prompt record's other fields, its place, each answer's seed, the sampling settings and `extra`."""
+    from chatrlhf.labeling.store import TaskIn
+
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    settings = {"model": model_name, **asdict(sampling), **extra}
+    for start in range(0, len(conversations), cfg.batch_prompts):
+        chunk = conversations[start : start + cfg.batch_prompts]
+        seed = cfg.seed * 100003 + start
+        tasks, skipped = [], []
+        for d in draw(model, tokenizer, chunk, cfg.k, sampling, seed, cfg.max_tries, cfg.system_prompt):
+            if len(d.answers) < 2:
+                skipped.append(d.conversation.where)
+                continue
+            meta = {**d.conversation.extra, "where": d.conversation.where, "seeds": d.seeds, **settings}
+            tasks.append(TaskIn(d.conversation.messages, d.answers, meta, cfg.labels_per_task))
+        yield tasks, skipped, len(chunk)
+
+
 def run(cfg: SampleConfig) -> list[int]:
-    from chatrlhf.labeling.store import Store, TaskIn
+    from chatrlhf.labeling.store import Store
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
 
     check_config(cfg)
@@ -110,24 +132,16 @@ def run(cfg: SampleConfig) -> list[int]:
         raise DataError(
             f"sample: the tokenizer of {model_path} has {len(tokenizer)} tokens, the model {vocab}"
         )
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-    settings = {"model": cfg.model or model_path, **asdict(sampling)}
     task_ids: list[int] = []
     skipped: list[str] = []
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("sampling", total=len(conversations))
-        for start in range(0, len(conversations), cfg.batch_prompts):
-            chunk = conversations[start : start + cfg.batch_prompts]
-            seed = cfg.seed * 100003 + start
-            tasks = []
-            for d in draw(model, tokenizer, chunk, cfg.k, sampling, seed, cfg.max_tries, cfg.system_prompt):
-                if len(d.answers) < 2:
-                    skipped.append(d.conversation.where)
-                    continue
-                meta = {**d.conversation.extra, "where": d.conversation.where, "seeds": d.seeds, **settings}
-                tasks.append(TaskIn(d.conversation.messages, d.answers, meta, cfg.labels_per_task))
+        for tasks, missed, done in sample_tasks(
+            model, tokenizer, conversations, cfg, cfg.model or model_path, {}
+        ):
             task_ids += store.add_tasks(tasks)  # each batch lands whole; an interrupted run keeps what landed
-            progress.advance(bar, len(chunk))
+            skipped += missed
+            progress.advance(bar, done)
     for where in skipped:
         console.print(f"[yellow]{where}: fewer than 2 distinct answers after {cfg.max_tries} tries; skipped")
     console.print(
