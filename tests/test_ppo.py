@@ -294,3 +294,23 @@ def test_lora_ppo_trains_adapters_and_uses_the_disabled_adapter_as_reference(
     after = AutoModelForCausalLM.from_pretrained(cfg.output_dir).state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny_model, tokenizer):
+    model = load_causal_lm(tiny_model, tokenizer).eval()
+    prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS[:3]]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    steps = []
+
+    def stop_early(token, alive):  # row 0 stops after 2 tokens, row 1 after 5: both leave the batch
+        steps.append(alive.clone())
+        return torch.tensor([len(steps) == 2, len(steps) == 5, False])
+
+    gen = generate(model, prompts, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id, on_step=stop_early)
+    assert gen.response_mask.sum(1).tolist() == [2, 5, 8]
+    assert (gen.response_ids[0, 2:] == tokenizer.pad_token_id).all()
+    for b, p in enumerate(prompts):  # each row's tokens and log-probs are those it gets decoded alone
+        alone = generate(model, [p], greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        n = int(gen.response_mask[b].sum())
+        assert gen.response_ids[b, :n].tolist() == alone.response_ids[0, :n].tolist()
+        assert torch.allclose(gen.logprobs[b, :n], alone.logprobs[0, :n], atol=1e-4)

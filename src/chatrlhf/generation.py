@@ -1,8 +1,9 @@
 """The one generation engine: PPO rollouts, sampling for labeling, evaluation, chat and serving use it.
 
 Prompts are left-padded into one batch, prefilled once, then decoded token by token over a KV cache with
-only the last position's logits computed. A sequence stops at EOS (kept as its last token); finished rows
-are filled with the pad token, which is distinct from EOS. The sampled tokens' log-probs (under the
+only the last position's logits computed. A sequence stops at EOS (kept as its last token) and leaves the
+batch, KV cache included, so the rest decode without it; its remaining positions hold the pad token, which
+is distinct from EOS. The sampled tokens' log-probs (under the
 temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them) come back too.
 """
 
@@ -103,6 +104,8 @@ def generate(
     )
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
+    # rows still decoding; a finished row leaves the batch (and its KV cache) so later steps skip its work
+    active = torch.arange(batch, device=device)
     tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(sampling.max_new_tokens):
@@ -113,14 +116,15 @@ def generate(
             logits[:, eos_id] = float("-inf")
         if sampling.temperature > 0:
             probs = _filter(logits, sampling.top_k, sampling.top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
         else:
-            token = logits.argmax(-1)
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens.append(token)
-        logprobs.append(
-            torch.where(alive, logp.gather(1, token[:, None])[:, 0], torch.zeros_like(logp[:, 0]))
+            chosen = logits.argmax(-1)
+        token = torch.full((batch,), pad_id, dtype=chosen.dtype, device=device).index_put_((active,), chosen)
+        logprob = torch.zeros(batch, device=device).index_put_(
+            (active,), logp.gather(1, chosen[:, None])[:, 0]
         )
+        tokens.append(token)
+        logprobs.append(logprob)
         was_alive = alive
         lengths = lengths + was_alive.long()
         alive = alive & (token != eos_id)
@@ -130,9 +134,18 @@ def generate(
                 alive = alive & ~stop.to(alive.device)
         if not alive.any():
             break
+        keep = alive[active]
+        if not keep.all():
+            kept = keep.nonzero()[:, 0]
+            next(iter(cache.values())).batch_select_indices(kept)
+            active, chosen, attention, next_pos = active[kept], chosen[kept], attention[kept], next_pos[kept]
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         out = model(
-            input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, use_cache=True, **cache
+            input_ids=chosen[:, None],
+            attention_mask=attention,
+            position_ids=next_pos,
+            use_cache=True,
+            **cache,
         )
         next_pos = next_pos + 1
     response = torch.stack(tokens, dim=1)
