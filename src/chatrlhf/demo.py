@@ -155,11 +155,11 @@ def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
         sample=SampleConfig(k=cfg.k, max_new_tokens=tokens, batch_prompts=8),
         label=LabelAutoConfig(judge="rule", noise=cfg.noise, seed=cfg.seed),
         sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
-        reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=2e-5, eval_fraction=0.15, save_every=0),
+        reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=5e-5, eval_fraction=0.15, save_every=0),
         ppo=PPOConfig(  # LoRA: a third less update compute, and a rate at which 10 steps move the policy
             max_steps=cfg.ppo_steps,
             batch_size=16,
-            lr=1e-4,
+            lr=2e-4,
             lora=LoraConfig(rank=16),
             max_new_tokens=tokens,
             kl_coef=0.02,
