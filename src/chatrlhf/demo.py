@@ -10,7 +10,6 @@ rule judge plus noise; the reward model sees only its rankings, never the judge.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from chatrlhf.labeling.auto import LabelAutoConfig
 from chatrlhf.pipeline import PipelineConfig
 from chatrlhf.ppo import PPOConfig
 from chatrlhf.reward import RewardConfig
-from chatrlhf.runs import atomic_write_text
+from chatrlhf.runs import atomic_write_jsonl
 from chatrlhf.sample import SampleConfig
 
 TOPICS = {
@@ -182,21 +181,17 @@ def run(cfg: DemoConfig) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
     train_rows, held_rows = prompts(train_topics), prompts(list(HELD_OUT_TOPICS))
-    write_jsonl(data / "prompts.jsonl", train_rows)
-    write_jsonl(data / "eval_prompts.jsonl", held_rows)
+    atomic_write_jsonl(data / "prompts.jsonl", train_rows)
+    atomic_write_jsonl(data / "eval_prompts.jsonl", held_rows)
     demos = data / "demonstrations.jsonl"
     if not (cfg.resume and demos.exists()):
         console.rule("[bold]demonstrations: best of N sampled answers by the rule judge")
         rows = best_of_n_demonstrations(
             resolve_model(cfg.model), train_rows, cfg.best_of, cfg.seed, cfg.max_new_tokens
         )
-        write_jsonl(demos, rows)
+        atomic_write_jsonl(demos, rows)
         picked = sum(r["source"] == "best-of-n" for r in rows)
         console.print(
             f"{picked}/{len(rows)} demonstrations picked from samples, {len(rows) - picked} written"
         )
     return run_pipeline(pipeline_config(cfg, data))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

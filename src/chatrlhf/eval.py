@@ -28,7 +28,7 @@ from chatrlhf.data import Conversation, load_prompts
 from chatrlhf.errors import UserError
 from chatrlhf.generation import SamplingConfig, generate, response_token_lists
 from chatrlhf.judges import RuleJudge, constraints_of, make_judge, satisfies_all
-from chatrlhf.runs import atomic_write_text
+from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
 
 
 @dataclass
@@ -263,7 +263,7 @@ def write_result(result: EvalResult, cfg: EvalConfig, folder: Path) -> None:
     figures = {k: v for k, v in asdict(result).items() if k != "rows"}
     atomic_write_text(folder / "eval.json", json.dumps({"config": asdict(cfg), **figures}, indent=2) + "\n")
     atomic_write_text(folder / "eval.md", summary_markdown(result, cfg.judge, cfg.show))
-    atomic_write_text(folder / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in result.rows))
+    atomic_write_jsonl(folder / "samples.jsonl", result.rows)
 
 
 def run(cfg: EvalConfig) -> EvalResult:

@@ -30,7 +30,7 @@ from chatrlhf.eval import EvalConfig
 from chatrlhf.labeling.auto import LabelAutoConfig
 from chatrlhf.ppo import PPOConfig
 from chatrlhf.reward import RewardConfig
-from chatrlhf.runs import atomic_write_text
+from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
 from chatrlhf.sample import SampleConfig
 
 STATE_FILE = "pipeline.json"
@@ -185,7 +185,7 @@ def _export_rankings(pipe: Pipeline, iteration: int) -> str:
     records = Store(pipe.db).rankings()
     path = pipe.out / f"iter{iteration}" / "rankings.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_jsonl(path, records)
     if len(records) < 2:
         raise UserError(
             f"pipeline: only {len(records)} ranked tasks in {pipe.db}; the reward model needs more"

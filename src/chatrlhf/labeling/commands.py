@@ -7,7 +7,6 @@ chatrlhf label export --db labels.db --out rankings.jsonl  # then: chatrlhf rewa
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,7 @@ def add_labeler(cfg: LabelerAddConfig) -> None:
 
 def export(cfg: LabelExportConfig) -> None:
     from chatrlhf.labeling.store import Store
-    from chatrlhf.runs import atomic_write_text
+    from chatrlhf.runs import atomic_write_jsonl
 
     if cfg.min_labels < 1:
         raise UserError(f"--min_labels must be at least 1, got {cfg.min_labels}")
@@ -97,7 +96,7 @@ def export(cfg: LabelExportConfig) -> None:
         store.close()
     out = Path(cfg.out)
     try:
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_jsonl(out, records)
     except OSError as e:
         raise UserError(f"--out {cfg.out}: cannot write the file: {e.strerror or e}") from None
     kind = "submissions" if cfg.per_labeler else "tasks"
