@@ -41,12 +41,14 @@ def test_kway_loss_is_mean_of_pairwise_losses_with_k_forwards(tiny_model, tokeni
     item = RankedItem([sequence_ids(tokenizer, prompt, a) for a in answers], ranking_pairs(ranks))
     rows_forwarded = []
     hook = model.model.register_forward_hook(
-        lambda m, args, kwargs, out: rows_forwarded.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        lambda m, args, kwargs, out: rows_forwarded.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     stage = _reward_stage(tokenizer, "cpu", {})
     loss, stats = stage.loss(model, [item], 1.0)
     hook.remove()
-    assert rows_forwarded == [1, 4]  # the shared prompt once, then each answer once; not twice per pair
+    # one packed row: the shared prompt once, then each answer once (not twice per pair), no padding
+    shared = next(i for i in range(len(item.sequences[0])) if len({s[i] for s in item.sequences}) > 1)
+    assert rows_forwarded == [(1, shared + sum(len(s) - shared for s in item.sequences))]
     one_by_one = []
     for w, loser in item.pairs:
         r = reward_scores(model, [item.sequences[w], item.sequences[loser]], tokenizer.pad_token_id, "cpu")
@@ -249,8 +251,9 @@ def test_default_model_on_openassistant_rankings(tmp_path):
     print(f"OpenAssistant held-out pairwise accuracy after 2 steps: {summary['rm/accuracy']:.3f}")
 
 
-def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer):
-    """Forwarding the prompt once gives the same rewards and the same gradients as K full sequences."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer, attention):
+    """Packing the prompt once with its K answers gives the same rewards and gradients as K full sequences."""
     from chatrlhf.reward import shared_prompt_scores
 
     prompt = [{"role": "user", "content": "Which is best?"}]
@@ -259,6 +262,7 @@ def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer):
     grads = []
     for score_fn in (reward_scores, shared_prompt_scores):
         model = load_reward_model(tiny_model, tokenizer, "cpu", init_head=False)
+        model.set_attn_implementation(attention)
         torch.manual_seed(0)
         torch.nn.init.normal_(model.score.weight)
         rewards = score_fn(model, seqs, pad, "cpu")

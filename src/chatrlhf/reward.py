@@ -27,7 +27,6 @@ from chatrlhf.chat import render
 from chatrlhf.config import TrainConfig, help_field
 from chatrlhf.data import DataError, load_demonstrations
 from chatrlhf.errors import UserError
-from chatrlhf.generation import cache_argument
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
     apply_lora,
@@ -58,7 +57,7 @@ class RewardConfig(TrainConfig):
     )
     share_prompt: bool = help_field(
         True,
-        "forward each prompt once and continue its K answers from its cache (off with gradient checkpointing)",
+        "pack a prompt and its K answers into one row, so the prompt is forwarded once and nothing is padded",
     )
     normalize_with: str = help_field(
         "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
@@ -116,17 +115,16 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
     )
 
 
-def backbone_hidden(model, input_ids, attention_mask, position_ids=None, cache=None) -> torch.Tensor:
-    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not), optionally continuing
-    (and filling) a KV cache. (B, T, D)."""
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
+    is 2-D padding or a prepared (B, 1, T, T) mask."""
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    kwargs = (
-        {cache_argument(backbone): cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    out = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return out.last_hidden_state
 
 
@@ -139,12 +137,11 @@ def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
 def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
     """Rewards of K answers to one prompt, forwarding the prompt once (InstructGPT's K-way batching).
 
-    The longest common prefix of the K sequences is run once; its keys and values (with their gradient)
-    are repeated for the K answers, which continue from it. Equal to `reward_scores` on the full
-    sequences; saves the prompt's compute K-1 times. Returns (K,).
+    The longest common prefix of the K sequences and the K answers after it are packed into one row with
+    no padding: each answer attends to the prefix and to itself, with positions continuing the prefix's.
+    Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's compute K-1
+    times and every pad token. Returns (K,).
     """
-    from transformers import DynamicCache
-
     shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
     for i in range(shared):
         if any(s[i] != sequences[0][i] for s in sequences):
@@ -152,22 +149,33 @@ def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, dev
             break
     if shared == 0:
         return reward_scores(model, sequences, pad_id, device)
-    k = len(sequences)
-    prefix = torch.tensor([sequences[0][:shared]], device=device)
-    cache = DynamicCache()
-    backbone_hidden(model, prefix, torch.ones_like(prefix), cache=cache)
-    cache.batch_repeat_interleave(k)
     tails = [s[shared:] for s in sequences]
-    width = max(len(t) for t in tails)
-    ids = torch.full((k, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((k, shared + width), dtype=torch.long)
-    for i, t in enumerate(tails):
-        ids[i, : len(t)] = torch.tensor(t)
-        mask[i, : shared + len(t)] = 1
-    positions = torch.arange(shared, shared + width).expand(k, width)
-    hidden = backbone_hidden(model, ids.to(device), mask.to(device), positions.to(device), cache=cache)
-    last = torch.tensor([len(t) - 1 for t in tails], device=device)
-    return scalar_head(model, hidden[torch.arange(k, device=device), last])
+    ids = sequences[0][:shared] + [t for tail in tails for t in tail]
+    positions = list(range(shared)) + [shared + j for tail in tails for j in range(len(tail))]
+    segment = torch.tensor(
+        [0] * shared + [k + 1 for k, tail in enumerate(tails) for _ in tail], device=device
+    )
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+    mask = causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    hidden = backbone_hidden(
+        model,
+        torch.tensor([ids], device=device),
+        _attention_mask(model, mask),
+        torch.tensor([positions], device=device),
+    )
+    ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
+    return scalar_head(model, hidden[0, ends])
+
+
+def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom (1, 1, L, L) mask in the form the model's attention takes: boolean for SDPA, additive for
+    eager attention."""
+    if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
+        dtype = next(unwrap(model).parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[None, None]
+    return allowed[None, None]
 
 
 def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
@@ -324,7 +332,7 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
         for name, p in model.named_parameters():
             p.requires_grad = p.requires_grad or name.split(".")[-2] == "score"  # the new head always trains
     lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval, cfg.normalize_with)}
-    stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt and not cfg.gradient_checkpointing)
+    stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt)
     if reference:
         stage.export = _normalizing_export(stage.export, reference, tokenizer, cfg, device)
     return fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
