@@ -178,6 +178,19 @@ def test_noise_zero_is_deterministic_and_keeps_ties():
     )
 
 
+def test_tie_margin_ties_answers_a_labeler_cannot_tell_apart():
+    scores = [1.0, 1.0, 0.5, 0.45, 0.0]
+    assert noisy_ranks(scores, 0.0, random.Random(0), tie_margin=0.1) == [1, 1, 2, 2, 3]
+    assert noisy_ranks(scores, 0.0, random.Random(0), tie_margin=0.0) == [1, 1, 2, 3, 4]
+    # equal scores with noise: ordered by chance without a margin, mostly tied with one
+    rng = random.Random(3)
+    chance = sum(len(set(noisy_ranks([0.5] * 4, 0.05, rng))) > 1 for _ in range(200))
+    tied = sum(len(set(noisy_ranks([0.5] * 4, 0.05, rng, tie_margin=0.15))) == 1 for _ in range(200))
+    assert chance == 200 and tied > 150
+    # a clear difference survives the margin
+    assert noisy_ranks([1.0, 0.0], 0.05, random.Random(4), tie_margin=0.15) == [1, 2]
+
+
 def test_noise_makes_labelers_disagree_more_as_it_grows():
     scores = [0.0, 0.25, 0.5, 0.75]
 

@@ -5,7 +5,8 @@ lowercase, ending with a question), InstructGPT's goal at laptop scale. Its prom
 constraints, split by topic into training and held-out prompts; nothing third-party is used.
 Demonstrations are the best of N sampled answers by the rule judge (standing in for labeler-written
 answers), or a written answer where none of the N meets the constraints. A simulated labeler ranks with the
-rule judge plus noise; the reward model sees only its rankings, never the judge.
+rule judge plus noise, tying answers it cannot tell apart; the reward model sees only its rankings, never
+the judge.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class DemoConfig:
     sft_steps: int = help_field(12, "SFT optimizer steps")
     k: int = help_field(6, "answers per prompt to rank")
     noise: float = help_field(0.05, "the simulated labeler's noise")
+    tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
     rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
     ppo_steps: int = help_field(10, "PPO steps per iteration")
     max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
@@ -152,7 +154,7 @@ def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
         resume=cfg.resume,
         overwrite=not cfg.resume,
         sample=SampleConfig(k=cfg.k, max_new_tokens=tokens, batch_prompts=8),
-        label=LabelAutoConfig(judge="rule", noise=cfg.noise, seed=cfg.seed),
+        label=LabelAutoConfig(judge="rule", noise=cfg.noise, tie_margin=cfg.tie_margin, seed=cfg.seed),
         sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
         reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=5e-5, eval_fraction=0.15, save_every=0),
         ppo=PPOConfig(  # LoRA: a third less update compute, and a rate at which 10 steps move the policy

@@ -278,11 +278,23 @@ def dense_ranks(values: Sequence[float]) -> list[int]:
     return [order.index(v) + 1 for v in values]
 
 
-def noisy_ranks(scores: Sequence[float], noise: float, rng: random.Random) -> list[int]:
-    """A simulated labeler's ranks: each score plus N(0, noise^2), ranked; noise 0 keeps exact ties."""
-    if noise <= 0:
-        return dense_ranks(scores)
-    return dense_ranks([s + rng.gauss(0.0, noise) for s in scores])
+def noisy_ranks(
+    scores: Sequence[float], noise: float, rng: random.Random, tie_margin: float = 0.0
+) -> list[int]:
+    """A simulated labeler's ranks: each score plus N(0, noise^2), ranked best first; noise 0 keeps exact
+    ties. With `tie_margin`, answers whose perceived scores lie within the margin of the next better one
+    share its rank: the labeler calls them equally good instead of ordering them by chance."""
+    perceived = [s + rng.gauss(0.0, noise) for s in scores] if noise > 0 else list(scores)
+    if tie_margin <= 0:
+        return dense_ranks(perceived)
+    order = sorted(range(len(perceived)), key=lambda i: -perceived[i])
+    ranks = [0] * len(perceived)
+    rank = 1
+    for before, i in zip([None] + order, order):
+        if before is not None and perceived[before] - perceived[i] > tie_margin:
+            rank += 1
+        ranks[i] = rank
+    return ranks
 
 
 JUDGES = ("rule", "reference", "rm", "llm")

@@ -129,6 +129,8 @@ def check_config(cfg: PipelineConfig) -> None:
         raise UserError("pipeline: --iterations must be at least 1")
     if cfg.labeler not in ("auto", "human"):
         raise UserError(f"pipeline: --labeler must be auto or human, not {cfg.labeler!r}")
+    if cfg.label.noise < 0 or cfg.label.tie_margin < 0:
+        raise UserError("pipeline: label.noise and label.tie_margin must be 0 or more")
 
 
 def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
@@ -160,7 +162,7 @@ def _label(pipe: Pipeline, iteration: int, sampled: dict) -> dict | None:
     if pipe.cfg.labeler == "auto":
         lc = pipe.cfg.label
         judge = make_judge(lc.judge, lc.judge_model, lc.llm_base_url, lc.llm_api_key)
-        label(store, judge, lc.noise, lc.labelers, lc.seed * 1009 + pipe.cfg.seed)
+        label(store, judge, lc.noise, lc.labelers, lc.seed * 1009 + pipe.cfg.seed, lc.tie_margin)
     ranked = [r for r in store.rankings() if r["meta"].get("iteration") == iteration]
     needed = pipe.cfg.min_rankings or sampled["tasks"]
     if pipe.cfg.labeler == "human" and len(ranked) < needed:

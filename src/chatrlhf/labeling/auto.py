@@ -27,6 +27,9 @@ class LabelAutoConfig:
     db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
     judge: str = help_field("rule", "rule | reference | rm | llm")
     noise: float = help_field(0.0, "std of the Gaussian noise added to judge scores (0: deterministic)")
+    tie_margin: float = help_field(
+        0.0, 'answers whose noisy scores are within this of the next better one tie ("equally good")'
+    )
     labelers: int = help_field(0, "simulated labelers; 0 for as many as the tasks want (labels_per_task)")
     judge_model: str = help_field("", "rm: the reward model checkpoint; llm: the model name at the endpoint")
     llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
@@ -34,7 +37,9 @@ class LabelAutoConfig:
     seed: int = help_field(0, "random seed of the labelers' noise")
 
 
-def label(store, judge, noise: float, labelers: int = 0, seed: int = 0) -> dict[str, int]:
+def label(
+    store, judge, noise: float, labelers: int = 0, seed: int = 0, tie_margin: float = 0.0
+) -> dict[str, int]:
     """Let simulated labelers rank every task still open to them; submissions per labeler. With
     `labelers` 0, labelers are added until one finds no task left (every task has its labels_per_task)."""
     from chatrlhf.labeling.store import AnswerLabel, SubmissionIn
@@ -53,7 +58,7 @@ def label(store, judge, noise: float, labelers: int = 0, seed: int = 0) -> dict[
                 cache[task.task_id] = dict(zip(answers, judge.scores(task.prompt, answers, task.meta)))
             scores = [cache[task.task_id][text] for text in answers]
             rng = random.Random(f"{seed}/{name}/{task.task_id}")
-            ranks = noisy_ranks(scores, noise, rng)
+            ranks = noisy_ranks(scores, noise, rng, tie_margin)
             if len(set(ranks)) < 2:
                 store.skip(labeler.id, task.task_id)  # the judge sees no difference: nothing to learn from
                 continue
@@ -69,11 +74,11 @@ def run(cfg: LabelAutoConfig) -> dict:
     from chatrlhf.labeling.store import Store
 
     console = Console()
-    if cfg.noise < 0:
-        raise UserError("label auto: --noise must be 0 or more")
+    if cfg.noise < 0 or cfg.tie_margin < 0:
+        raise UserError("label auto: --noise and --tie_margin must be 0 or more")
     judge = make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
     store = Store(cfg.db)
-    done = label(store, judge, cfg.noise, cfg.labelers, cfg.seed)
+    done = label(store, judge, cfg.noise, cfg.labelers, cfg.seed, cfg.tie_margin)
     progress = store.progress()
     for name, count in done.items():
         if count:
