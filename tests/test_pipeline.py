@@ -54,6 +54,14 @@ def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
     lo, hi = figures["win_rate_ci"]
     assert lo <= figures["win_rate"] <= hi
     assert figures["kl"] > 0.01  # two random models disagree (near-uniform, so only a little)
+    groups = figures["by_constraints"]  # the same pairs, split by the kind of prompt
+    assert set(groups) == {"max_words 5, lowercase", "bullets 2"}
+    assert [g["pairs"] for g in groups.values()] == [4, 4]
+    weighted = sum(g["win_rate"] * g["pairs"] for g in groups.values()) / 8
+    assert weighted == pytest.approx(figures["win_rate"])
+    success = sum(g["policy_success"] * g["pairs"] for g in groups.values()) / 8
+    assert success == pytest.approx(figures["success_rate"]["policy"])
+    assert "| bullets 2 | 4 |" in (tmp_path / "e" / "eval.md").read_text()
 
 
 def _pipeline_files(tmp_path) -> list[str]:

@@ -65,6 +65,8 @@ class EvalResult:
     rm_score: dict[str, float] = field(default_factory=dict)
     length: dict[str, float] = field(default_factory=dict)  # mean answer tokens
     kl: float = 0.0  # mean KL(policy || baseline) per answer, nats
+    # rule judge: per kind of prompt (its constraints), win-rate and success of each side
+    by_constraints: dict[str, dict[str, float]] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # side by side: prompt, answers, scores, outcome
 
 
@@ -180,6 +182,19 @@ def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | No
     def mean(values):
         return sum(values) / len(values) if values else float("nan")
 
+    by_constraints: dict[str, dict[str, float]] = {}
+    if rule:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(", ".join(row["constraints"]) or "none", []).append(i)
+        for kind, idx in sorted(groups.items()):
+            by_constraints[kind] = {
+                "pairs": len(idx),
+                "win_rate": mean([rows[i]["outcome"] for i in idx]),
+                "policy_success": mean([met["policy"][i] for i in idx]),
+                "baseline_success": mean([met["baseline"][i] for i in idx]),
+            }
+
     return EvalResult(
         prompts=len(conversations),
         pairs=len(flat),
@@ -193,6 +208,7 @@ def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | No
         rm_score={k: mean(v) for k, v in rm_scores.items()} if rm is not None else {},
         length={k: mean([n for _, n in v]) for k, v in answers.items()},
         kl=kl,
+        by_constraints=by_constraints,
         rows=rows,
     )
 
@@ -218,6 +234,14 @@ def summary_markdown(result: EvalResult, judge: str, show: int = 8) -> str:
         f"| mean answer length (tokens) | {result.length['policy']:.1f} | {result.length['baseline']:.1f} |"
     )
     lines.append(f"| KL(policy ‖ baseline) per answer (nats) | {result.kl:.3f} | |")
+    if result.by_constraints:
+        lines += ["", "| constraints | pairs | win-rate | policy meets them | baseline meets them |"]
+        lines.append("|---|---|---|---|---|")
+        for kind, g in result.by_constraints.items():
+            lines.append(
+                f"| {kind} | {g['pairs']} | {g['win_rate']:.1%} | {g['policy_success']:.1%} "
+                f"| {g['baseline_success']:.1%} |"
+            )
     lines += ["", "| prompt | policy | baseline | outcome |", "|---|---|---|---|"]
     for row in result.rows[:show]:
         cells = [row["prompt"], row["policy"], row["baseline"]]
