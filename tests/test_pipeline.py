@@ -8,6 +8,7 @@ import pytest
 from conftest import chatrlhf, make_tiny_model, write_jsonl
 
 from chatrlhf.eval import bootstrap_ci
+from chatrlhf.labeling.store import Store
 
 PROMPTS = [
     {"prompt": f"Describe {topic} in at most 5 words, in all lowercase."}
@@ -133,6 +134,14 @@ def test_pipeline_waits_for_people_then_resumes_without_redoing_stages(tiny_mode
 
     result = chatrlhf(*args, "--resume", "true")  # nobody has ranked yet: still waiting
     assert result.returncode == 0 and "waiting for rankings" in result.stdout
+
+    # stopped after the tasks reached the database, before the stage was recorded: none are added twice
+    state = json.loads((out / "pipeline.json").read_text())
+    del state["stages"]["iter1/sample"]
+    (out / "pipeline.json").write_text(json.dumps(state))
+    result = chatrlhf(*args, "--resume", "true")
+    assert result.returncode == 0 and "8 ranking tasks of iteration 1 already in" in result.stdout
+    assert len(Store(str(out / "labels.db")).task_ids(iteration=1)) == 8
 
     # people rank (a simulated labeler stands in), then the run continues from where it stopped
     ranked = chatrlhf("label", "auto", "--db", str(out / "labels.db"), "--judge", "rule", "--noise", "0.1")

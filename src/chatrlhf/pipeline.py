@@ -141,6 +141,12 @@ def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
 
     cfg = replace(pipe.cfg.sample, seed=pipe.cfg.seed * 1009 + iteration)
     store = Store(pipe.db)
+    earlier = store.task_ids(iteration=iteration)
+    if earlier:  # a run stopped after adding them, before recording the stage: never add them twice
+        pipe.console.print(
+            f"{len(earlier)} ranking tasks of iteration {iteration} already in {pipe.db}; kept"
+        )
+        return {"tasks": len(earlier), "first_task": min(earlier), "model": policy}
     conversations = load_prompts(pipe.cfg.prompts)
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy, tokenizer, pick_device())

@@ -314,6 +314,12 @@ class Store:
             session.flush()
             return [row.id for row in rows]
 
+    def task_ids(self, **meta: Any) -> list[int]:
+        """Ids of the tasks whose meta holds every given key and value, e.g. `task_ids(iteration=2)`."""
+        with self._read() as session:
+            rows = session.execute(select(TaskRow.id, TaskRow.meta)).tuples().all()
+        return [i for i, m in rows if all((m or {}).get(k) == v for k, v in meta.items())]
+
     def add_labeler(self, name: str, admin: bool = False) -> str:
         """Register a labeler and return their token; only its hash is stored, so it is shown once."""
         name = name.strip()
