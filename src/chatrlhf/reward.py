@@ -134,13 +134,19 @@ def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
     return base.score(hidden)[..., 0].float()
 
 
-def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
+PACK_LIMIT = 2048  # tokens per packed row: attention over a packed row grows with its length squared
+
+
+def shared_prompt_scores(
+    model, sequences: Sequence[list[int]], pad_id: int, device, limit: int = PACK_LIMIT
+) -> torch.Tensor:
     """Rewards of K answers to one prompt, forwarding the prompt once (InstructGPT's K-way batching).
 
-    The longest common prefix of the K sequences and the K answers after it are packed into one row with
-    no padding: each answer attends to the prefix and to itself, with positions continuing the prefix's.
-    Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's compute K-1
-    times and every pad token. Returns (K,).
+    The longest common prefix of the K sequences and the answers after it are packed into one row with no
+    padding: each answer attends to the prefix and to itself, with positions continuing the prefix's.
+    Answers that would make a row longer than `limit` tokens go to another row with its own copy of the
+    prefix. Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's
+    compute K-1 times and every pad token. Returns (K,).
     """
     shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
     for i in range(shared):
@@ -149,8 +155,22 @@ def shared_prompt_scores(model, sequences: Sequence[list[int]], pad_id: int, dev
             break
     if shared == 0:
         return reward_scores(model, sequences, pad_id, device)
-    tails = [s[shared:] for s in sequences]
-    ids = sequences[0][:shared] + [t for tail in tails for t in tail]
+    rows, row, size = [], [], shared
+    for tail in (s[shared:] for s in sequences):
+        if row and size + len(tail) > limit:
+            rows.append(row)
+            row, size = [], shared
+        row.append(tail)
+        size += len(tail)
+    rows.append(row)
+    prefix = sequences[0][:shared]
+    return torch.cat([_packed_scores(model, prefix, tails, device) for tails in rows])
+
+
+def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> torch.Tensor:
+    """The reward at the end of each tail, for one row of prefix + tails. Returns (len(tails),)."""
+    shared = len(prefix)
+    ids = prefix + [t for tail in tails for t in tail]
     positions = list(range(shared)) + [shared + j for tail in tails for j in range(len(tail))]
     segment = torch.tensor(
         [0] * shared + [k + 1 for k, tail in enumerate(tails) for _ in tail], device=device
