@@ -124,6 +124,27 @@ def test_learns_a_synthetic_preference(tiny_model, tmp_path):
     assert {"rm/accuracy_k2", "rm/accuracy_k3", "rm/accuracy_k4"} <= set(summary)
 
 
+def test_gradient_checkpointing_trains_packed_rows_the_same(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(16, 0))
+    summaries = []
+    for checkpointing in (False, True):
+        cfg = RewardConfig(
+            model=tiny_model,
+            data=DataConfig(train=data),
+            output_dir=str(tmp_path / f"rm{checkpointing}"),
+            max_steps=2,
+            batch_size=4,
+            lr=1e-3,
+            eval_fraction=0.25,
+            save_every=0,
+            dtype="fp32",
+            gradient_checkpointing=checkpointing,
+        )
+        summaries.append(train(cfg))
+    for key in ("rm/loss", "train/grad_norm", "rm/eval_loss"):
+        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-4)
+
+
 def test_split_keeps_each_prompt_on_one_side():
     p = lambda t: [{"role": "user", "content": t}]  # noqa: E731
     rankings = [Ranking(f"f:{i}", p(f"q{i % 5}"), ["a", "b"], [1, 2]) for i in range(20)]
