@@ -160,6 +160,28 @@ def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tm
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
 
 
+def test_lora_layers_puts_adapters_in_the_last_layers_only_and_backward_stops_below(
+    tokenizer, tmp_path
+):
+    from conftest import make_tiny_model
+
+    from chatrlhf.config import LoraConfig
+    from chatrlhf.errors import UserError
+    from chatrlhf.models import apply_lora, load_causal_lm
+
+    folder = make_tiny_model(tmp_path / "four", tokenizer, layers=4)
+    model = apply_lora(load_causal_lm(folder, tokenizer), LoraConfig(rank=4, layers=1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".layers.3." in n for n in trainable)
+    out = model(torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True)
+    # what enters the adapted layer carries no graph: backward has nothing to do below it
+    assert not out.hidden_states[3].requires_grad and out.logits.requires_grad
+    out.logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(UserError, match="lora.layers: 5 is not between 0 and the model's 4 layers"):
+        apply_lora(load_causal_lm(folder, tokenizer), LoraConfig(rank=4, layers=5))
+
+
 def test_bf16_reaches_the_fp32_loss(tiny_model, demos_file, tmp_path):
     """bf16 autocast over fp32 master weights trains like fp32 (small differences only)."""
     fp32 = train(config(tiny_model, demos_file, tmp_path / "fp32", max_steps=6, shuffle=False, dtype="fp32"))

@@ -65,6 +65,9 @@ class LoraConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "names of the linear modules that get adapters",
     )
+    layers: int = help_field(
+        0, "adapters only in the last N transformer layers, so backward stops below them; 0 means every layer"
+    )
 
     @property
     def enabled(self) -> bool:

@@ -149,8 +149,15 @@ def apply_lora(model, lora: LoraConfig):
     missing = [t for t in lora.targets if t not in present]
     if missing:
         raise UserError(f"lora.targets: no module named {', '.join(missing)} in this model")
+    depth = model.config.num_hidden_layers
+    if lora.layers < 0 or lora.layers > depth:
+        raise UserError(f"lora.layers: {lora.layers} is not between 0 and the model's {depth} layers")
     peft_config = PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        layers_to_transform=list(range(depth - lora.layers, depth)) if lora.layers else None,
     )
     return get_peft_model(model, peft_config)
 
