@@ -160,9 +160,7 @@ def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tm
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
 
 
-def test_lora_layers_puts_adapters_in_the_last_layers_only_and_backward_stops_below(
-    tokenizer, tmp_path
-):
+def test_lora_layers_puts_adapters_in_the_last_layers_only_and_backward_stops_below(tokenizer, tmp_path):
     from conftest import make_tiny_model
 
     from chatrlhf.config import LoraConfig
