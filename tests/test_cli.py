@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,19 @@ def test_bad_data_from_the_command_line(tiny_model, tmp_path):
 def test_help_lists_config_keys():
     result = chatrlhf("sft", "--help")
     assert result.returncode == 0 and "--data.train" in result.stdout and "--lora.rank" in result.stdout
+    result = chatrlhf("label", "labeler", "add", "--help")
+    assert result.returncode == 0 and "--name" in result.stdout and "--lora.rank" not in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["label", "--help"], ["label", "labeler", "add", "--help"]])
+def test_help_without_a_model_command_loads_no_torch(argv):
+    """`chatrlhf --help` answers at once: stage modules (torch, transformers, peft) load only for their command."""
+    code = (
+        "import sys\nfrom chatrlhf.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('loaded:', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "usage: chatrlhf" in result.stdout and "loaded: []" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.slow

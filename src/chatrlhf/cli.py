@@ -6,163 +6,106 @@
     chatrlhf label labeler add alice --db labels.db
 
 A command may be several words (`label serve`); each parses its config and calls its stage's `train(cfg)` /
-`run(cfg)`. Each sub-command parses its config and calls its stage's `train(cfg)` / `run(cfg)`; a mistake in the
-user's files or flags ends with a message naming where, never a traceback.
+`run(cfg)`; a mistake in the user's files or flags ends with a message naming where, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatrlhf.config import PretrainConfig, SFTConfig, field_help, load_config
-from chatrlhf.demo import DemoConfig
+from chatrlhf.config import field_help, load_config
 from chatrlhf.errors import UserError
-from chatrlhf.eval import EvalConfig
-from chatrlhf.labeling.auto import LabelAutoConfig
-from chatrlhf.labeling.commands import LabelerAddConfig, LabelExportConfig, LabelServeConfig
-from chatrlhf.pipeline import PipelineConfig
-from chatrlhf.ppo import PPOConfig
-from chatrlhf.reward import RewardConfig, ScoreConfig
-from chatrlhf.sample import SampleConfig
-from chatrlhf.serve.app import ServeConfig
-from chatrlhf.terminal import ChatConfig
-
-
-def _sft(cfg):
-    from chatrlhf.sft import train
-
-    train(cfg)
-
-
-def _pretrain(cfg):
-    from chatrlhf.sft import pretrain
-
-    pretrain(cfg)
-
-
-def _reward(cfg):
-    from chatrlhf.reward import train
-
-    train(cfg)
-
-
-def _score(cfg):
-    from chatrlhf.reward import score
-
-    score(cfg)
-
-
-def _ppo(cfg):
-    from chatrlhf.ppo import train
-
-    train(cfg)
-
-
-def _sample(cfg):
-    from chatrlhf.sample import run
-
-    run(cfg)
-
-
-def _label_auto(cfg):
-    from chatrlhf.labeling.auto import run
-
-    run(cfg)
-
-
-def _label_serve(cfg):
-    from chatrlhf.labeling.commands import serve
-
-    serve(cfg)
-
-
-def _label_labeler_add(cfg):
-    from chatrlhf.labeling.commands import add_labeler
-
-    add_labeler(cfg)
-
-
-def _label_export(cfg):
-    from chatrlhf.labeling.commands import export
-
-    export(cfg)
-
-
-def _eval(cfg):
-    from chatrlhf.eval import run
-
-    run(cfg)
-
-
-def _pipeline(cfg):
-    from chatrlhf.pipeline import run
-
-    run(cfg)
-
-
-def _serve(cfg):
-    from chatrlhf.serve.app import run
-
-    run(cfg)
-
-
-def _chat(cfg):
-    from chatrlhf.terminal import run
-
-    run(cfg)
-
-
-def _demo(cfg):
-    from chatrlhf.demo import run
-
-    run(cfg)
 
 
 @dataclass
 class Command:
-    config: type
-    run: Callable
+    module: str  # imported only when the command runs or shows its help, so `chatrlhf --help` loads no torch
+    config: str  # the module's config dataclass
+    entry: str  # the module's function that takes that config
     help: str
     positional: str = ""  # config key a leading bare argument fills: `chatrlhf chat runs/x/ppo`
 
+    def load(self):
+        module = importlib.import_module(self.module)
+        return getattr(module, self.config), getattr(module, self.entry)
+
 
 COMMANDS = {
-    "demo": Command(DemoConfig, _demo, "the whole pipeline on the default model with the built-in task"),
-    "pretrain": Command(PretrainConfig, _pretrain, "causal-LM training on raw text (stage 0)"),
-    "sft": Command(SFTConfig, _sft, "supervised fine-tuning on demonstrations (stage 1)"),
+    "demo": Command(
+        "chatrlhf.demo", "DemoConfig", "run", "the whole pipeline on the default model with the built-in task"
+    ),
+    "pretrain": Command(
+        "chatrlhf.sft", "PretrainConfig", "pretrain", "causal-LM training on raw text (stage 0)"
+    ),
+    "sft": Command(
+        "chatrlhf.sft", "SFTConfig", "train", "supervised fine-tuning on demonstrations (stage 1)"
+    ),
     "reward": Command(
-        RewardConfig, _reward, "reward model from rankings, pairs, HH or OpenAssistant trees (stage 2)"
+        "chatrlhf.reward",
+        "RewardConfig",
+        "train",
+        "reward model from rankings, pairs, HH or OpenAssistant trees (stage 2)",
     ),
     "sample": Command(
-        SampleConfig, _sample, "K answers per prompt from a model, as ranking tasks in the labeling DB"
+        "chatrlhf.sample",
+        "SampleConfig",
+        "run",
+        "K answers per prompt from a model, as ranking tasks in the labeling DB",
     ),
     "label serve": Command(
-        LabelServeConfig, _label_serve, "the ranking web app and its JSON API for labelers"
+        "chatrlhf.labeling.commands",
+        "LabelServeConfig",
+        "serve",
+        "the ranking web app and its JSON API for labelers",
     ),
     "label labeler add": Command(
-        LabelerAddConfig, _label_labeler_add, "add a labeler and print their token", positional="name"
+        "chatrlhf.labeling.commands",
+        "LabelerAddConfig",
+        "add_labeler",
+        "add a labeler and print their token",
+        positional="name",
     ),
     "label auto": Command(
-        LabelAutoConfig, _label_auto, "simulated labelers rank the open tasks with a judge"
+        "chatrlhf.labeling.auto",
+        "LabelAutoConfig",
+        "run",
+        "simulated labelers rank the open tasks with a judge",
     ),
     "label export": Command(
-        LabelExportConfig, _label_export, "write the collected rankings as JSONL for the reward stage"
+        "chatrlhf.labeling.commands",
+        "LabelExportConfig",
+        "export",
+        "write the collected rankings as JSONL for the reward stage",
     ),
-    "ppo": Command(PPOConfig, _ppo, "PPO against a reward model (stage 3)"),
+    "ppo": Command("chatrlhf.ppo", "PPOConfig", "train", "PPO against a reward model (stage 3)"),
     "pipeline": Command(
-        PipelineConfig, _pipeline, "every stage from one config: SFT, then sample, rank, RM, PPO"
+        "chatrlhf.pipeline",
+        "PipelineConfig",
+        "run",
+        "every stage from one config: SFT, then sample, rank, RM, PPO",
     ),
     "eval": Command(
-        EvalConfig, _eval, "win-rate of a policy over a baseline by a judge, with KL and samples"
+        "chatrlhf.eval",
+        "EvalConfig",
+        "run",
+        "win-rate of a policy over a baseline by a judge, with KL and samples",
     ),
-    "chat": Command(ChatConfig, _chat, "chat with a checkpoint in the terminal", positional="model"),
+    "chat": Command(
+        "chatrlhf.terminal", "ChatConfig", "run", "chat with a checkpoint in the terminal", positional="model"
+    ),
     "serve": Command(
-        ServeConfig, _serve, "OpenAI-compatible API and web chat page for a checkpoint", positional="model"
+        "chatrlhf.serve.app",
+        "ServeConfig",
+        "run",
+        "OpenAI-compatible API and web chat page for a checkpoint",
+        positional="model",
     ),
-    "score": Command(ScoreConfig, _score, "print a reward model's scores of given answers"),
+    "score": Command(
+        "chatrlhf.reward", "ScoreConfig", "score", "print a reward model's scores of given answers"
+    ),
 }
 
 
@@ -180,8 +123,19 @@ def _epilog(config: type) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One argparse sub-parser per command word; `label serve` is `label` then `serve`."""
+def named_command(argv: list[str]) -> str | None:
+    """The command the leading words of `argv` name, if any: `label serve --port 1` -> "label serve"."""
+    words: list[str] = []
+    for word in argv:
+        if word.startswith("-") or not any(n.split()[: len(words) + 1] == [*words, word] for n in COMMANDS):
+            break
+        words.append(word)
+    return " ".join(words) if " ".join(words) in COMMANDS else None
+
+
+def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
+    """One argparse sub-parser per command word; `label serve` is `label` then `serve`. Only the `detailed`
+    command's module is imported, for the config keys its help lists."""
     parser = argparse.ArgumentParser(prog="chatrlhf", description="Train a chat model the InstructGPT way.")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(dest="command0", metavar="COMMAND", required=True)
@@ -200,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
             words[-1],
             help=command.help,
             description=command.help,
-            epilog=_epilog(command.config),
+            epilog=_epilog(command.load()[0]) if name == detailed else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", help="YAML config file")
@@ -209,17 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(named_command(argv))
     args, overrides = parser.parse_known_args(argv)
     command = COMMANDS[args.command]
-    from transformers.utils import logging as hf_logging
+    config, entry = command.load()
+    if "transformers" in sys.modules:  # loaded by the stage: its per-file "Loading weights" bars drown ours
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the stage's own progress
+        hf_logging.disable_progress_bar()
     if command.positional and overrides and not overrides[0].startswith("--"):
         overrides = [f"--{command.positional}", *overrides]  # `chatrlhf serve runs/x/ppo`
     try:
-        cfg = load_config(command.config, args.config, overrides)
-        command.run(cfg)
+        cfg = load_config(config, args.config, overrides)
+        entry(cfg)
     except UserError as e:
         print(f"chatrlhf {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
