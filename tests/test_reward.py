@@ -273,6 +273,32 @@ def test_default_model_on_openassistant_rankings(tmp_path):
     print(f"OpenAssistant held-out pairwise accuracy after 2 steps: {summary['rm/accuracy']:.3f}")
 
 
+def test_packed_rows_attend_per_answer_segment_under_sdpa(tiny_model, tokenizer):
+    """Under SDPA each layer takes the packed row's segments, so no answer-to-answer block is computed."""
+    from transformers import AttentionInterface
+
+    from chatrlhf.reward import SEGMENT_ATTENTION, segment_attention, shared_prompt_scores
+
+    seen = []
+
+    def spy(*args, packed_row=None, **kwargs):
+        seen.append(packed_row)
+        return segment_attention(*args, packed_row=packed_row, **kwargs)
+
+    prompt = [{"role": "user", "content": "Which is best?"}]
+    seqs = [sequence_ids(tokenizer, prompt, a) for a in ("One.", "Two is a longer answer.")]
+    shared = next(i for i, (a, b) in enumerate(zip(*seqs)) if a != b)
+    model = load_reward_model(tiny_model, tokenizer, "cpu", init_head=True)
+    AttentionInterface.register(SEGMENT_ATTENTION, spy)
+    try:
+        shared_prompt_scores(model, seqs, tokenizer.pad_token_id, "cpu")
+    finally:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    lengths = [len(s) - shared for s in seqs]
+    assert seen == [(shared, lengths)] * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"  # switched back after the row
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer, attention):
     """Packing the prompt once with its K answers gives the same rewards and gradients as K full sequences."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import AttentionInterface, set_seed
 
 from chatrlhf.chat import render
 from chatrlhf.config import TrainConfig, help_field
@@ -115,15 +115,19 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
     )
 
 
-def backbone_hidden(model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
     """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
-    is 2-D padding or a prepared (B, 1, T, T) mask."""
+    is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function."""
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **attention,
     )
     return out.last_hidden_state
 
@@ -177,14 +181,69 @@ def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> 
     )
     causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
     mask = causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = backbone_hidden(
+    hidden = _row_hidden(
         model,
         torch.tensor([ids], device=device),
-        _attention_mask(model, mask),
+        mask,
         torch.tensor([positions], device=device),
+        shared,
+        [len(tail) for tail in tails],
     )
     ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
     return scalar_head(model, hidden[0, ends])
+
+
+def _row_hidden(model, ids, mask, positions, shared: int, lengths: list[int]) -> torch.Tensor:
+    """The packed row's hidden states; under SDPA attention runs per answer segment (`segment_attention`).
+    Not with gradient checkpointing: its recomputation in backward would run outside the switch."""
+    base = unwrap(model)
+    config = base.config
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+    if config._attn_implementation != "sdpa" or checkpointing:
+        return backbone_hidden(model, ids, _attention_mask(model, mask), positions)
+    config._attn_implementation = SEGMENT_ATTENTION
+    try:
+        return backbone_hidden(model, ids, mask[None, None], positions, packed_row=(shared, lengths))
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+SEGMENT_ATTENTION = "chatrlhf_segments"
+
+
+def segment_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_row=None, **kwargs
+):
+    """Attention over a packed row one segment at a time: the prefix's queries attend causally to the
+    prefix, each answer's to the prefix and causally to itself. The same result as the row's full mask
+    without computing the blocks it masks out (answers attending to other answers), which grow with the
+    square of K. query (1, H, L, hd), key and value (1, H_kv, L, hd); returns ((1, L, H, hd), None). Without
+    `packed_row` it is transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if packed_row is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    shared, lengths = packed_row
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    head = slice(0, shared)
+    parts = [sdpa(query[:, :, head], key[:, :, head], value[:, :, head], scale=scaling, is_causal=True)]
+    start = shared
+    for n in lengths:
+        own = slice(start, start + n)
+        allowed = torch.ones(n, shared + n, dtype=torch.bool, device=query.device)
+        allowed[:, shared:] = allowed[:, shared:].tril()
+        keys = torch.cat([key[:, :, head], key[:, :, own]], dim=2)
+        values = torch.cat([value[:, :, head], value[:, :, own]], dim=2)
+        parts.append(sdpa(query[:, :, own], keys, values, attn_mask=allowed, scale=scaling))
+        start += n
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
 
 def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
