@@ -229,15 +229,15 @@ def segment_attention(
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     shared, lengths = packed_row
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    head = slice(0, shared)
-    parts = [sdpa(query[:, :, head], key[:, :, head], value[:, :, head], scale=scaling, is_causal=True)]
+    prefix = slice(0, shared)
+    parts = [sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], scale=scaling, is_causal=True)]
     start = shared
     for n in lengths:
         own = slice(start, start + n)
         allowed = torch.ones(n, shared + n, dtype=torch.bool, device=query.device)
         allowed[:, shared:] = allowed[:, shared:].tril()
-        keys = torch.cat([key[:, :, head], key[:, :, own]], dim=2)
-        values = torch.cat([value[:, :, head], value[:, :, own]], dim=2)
+        keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
+        values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
         parts.append(sdpa(query[:, :, own], keys, values, attn_mask=allowed, scale=scaling))
         start += n
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
