@@ -53,7 +53,6 @@ RANKINGS_SHA256 = "f44905d9aae72fa88c2c5a1e851e0ed2abd07a944ef46936c9168373d3ed5
 PAIRS_SHA256 = "78bcba7fe3d1fe44232a73502bcc6063a9896f8a86cfab55db6285d7b54756cf"
 N_TRAIN_PROMPTS = 20
 N_ALL_PROMPTS = 32  # the anchor's first RM definition; prompts 21-32 are the held-out set
-SEED = 1234  # the anchor's SEED (WORKLOAD.md), the default when --seeds is not given
 GOAL_PAIRS_RATIO = 5.0  # the issue's target: >= 5x TRL's pairs/s at a held-out accuracy >= TRL's
 NOTES = [
     "train_wall_s: chatrlhf = sum of timing/step over the optimizer steps (excludes model loading, the final "
@@ -238,6 +237,7 @@ def parent_main(args) -> None:
     if not args.skip_trl:
         common.TRL_VENV.ensure()
     common.ensure_model(shared, common.prepare_python())
+    args.seeds = args.seeds or [common.load_anchor(shared).SEED]
     # run i of a framework uses seed i // repeat: --repeat runs per seed, seeds in the order given
     counts, runs_per_seed = {"trl": 0, "chatrlhf": 0}, args.repeat
 
@@ -538,7 +538,7 @@ def parse_args(argv=None):
     if args.prompts_per_step < 1:
         ap.error("--prompts-per-step must be at least 1")
     try:
-        args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [SEED]
+        args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
     return args
