@@ -282,7 +282,7 @@ def test_packed_rows_attend_per_answer_segment_under_sdpa(tiny_model, tokenizer)
     seen = []
 
     def spy(*args, packed_row=None, **kwargs):
-        seen.append(packed_row)
+        seen.append((packed_row.shared, packed_row.lengths))
         return segment_attention(*args, packed_row=packed_row, **kwargs)
 
     prompt = [{"role": "user", "content": "Which is best?"}]

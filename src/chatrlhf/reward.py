@@ -18,6 +18,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -203,12 +204,32 @@ def _row_hidden(model, ids, mask, positions, shared: int, lengths: list[int]) ->
         return backbone_hidden(model, ids, _attention_mask(model, mask), positions)
     config._attn_implementation = SEGMENT_ATTENTION
     try:
-        return backbone_hidden(model, ids, mask[None, None], positions, packed_row=(shared, lengths))
+        row = PackedRow.of(shared, lengths, ids.device)
+        return backbone_hidden(model, ids, mask[None, None], positions, packed_row=row)
     finally:
         config._attn_implementation = "sdpa"
 
 
 SEGMENT_ATTENTION = "chatrlhf_segments"
+
+
+class PackedRow(NamedTuple):
+    """The layout of one packed row for `segment_attention`: the shared prefix's length, each answer's
+    length, and each answer's (n, shared + n) mask over the prefix and its own tokens, built once per row
+    rather than once per layer."""
+
+    shared: int
+    lengths: list[int]
+    masks: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, shared: int, lengths: list[int], device) -> "PackedRow":
+        masks = []
+        for n in lengths:
+            allowed = torch.ones(n, shared + n, dtype=torch.bool, device=device)
+            allowed[:, shared:] = allowed[:, shared:].tril()
+            masks.append(allowed)
+        return cls(shared, lengths, masks)
 
 
 def segment_attention(
@@ -218,28 +239,23 @@ def segment_attention(
     prefix, each answer's to the prefix and causally to itself. The same result as the row's full mask
     without computing the blocks it masks out (answers attending to other answers), which grow with the
     square of K. query (1, H, L, hd), key and value (1, H_kv, L, hd); returns ((1, L, H, hd), None). Without
-    `packed_row` it is transformers' SDPA attention."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    `packed_row` (a `PackedRow`) it is transformers' SDPA attention.
+
+    The row is cut with `split`, whose backward is one concatenation; slicing it once per segment would make
+    every segment's backward write a zero-filled tensor of the whole row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_row is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    shared, lengths = packed_row
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    prefix = slice(0, shared)
-    parts = [sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], scale=scaling, is_causal=True)]
-    start = shared
-    for n in lengths:
-        own = slice(start, start + n)
-        allowed = torch.ones(n, shared + n, dtype=torch.bool, device=query.device)
-        allowed[:, shared:] = allowed[:, shared:].tril()
-        keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
-        values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
-        parts.append(sdpa(query[:, :, own], keys, values, attn_mask=allowed, scale=scaling))
-        start += n
+    sizes = [packed_row.shared, *packed_row.lengths]
+    (q0, *qs), (k0, *ks), (v0, *vs) = (t.split(sizes, dim=2) for t in (query, key, value))
+    parts = [sdpa(q0, k0, v0, scale=scaling, is_causal=True, enable_gqa=True)]
+    for q, k, v, allowed in zip(qs, ks, vs, packed_row.masks):
+        keys, values = torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2)
+        parts.append(sdpa(q, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=True))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
