@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,35 @@ def test_bf16_reaches_the_fp32_loss(tiny_model, demos_file, tmp_path):
     assert abs(bf16["train/loss"] - fp32["train/loss"]) < 0.05 * fp32["train/loss"]
     first = [r["train/loss"] for r in read_metrics(tmp_path / "bf16") if "train/loss" in r][0]
     assert bf16["train/loss"] < first - 0.3  # and it learned
+
+
+def _file_mappings() -> list[tuple[int, int, str]]:
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) > 5:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end, fields[5]))
+    return spans
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see file mappings")
+def test_loaded_weights_live_in_process_memory_not_in_the_mapped_checkpoint(tiny_model, tokenizer):
+    """Training writes every weight; weights that still map the safetensors file would take a copy-on-write
+    fault per page on the first optimizer step. Tied weights stay tied."""
+    from chatrlhf.models import load_causal_lm
+    from chatrlhf.reward import load_reward_model
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    checkpoint = str(Path(tiny_model, "model.safetensors").resolve())
+
+    def in_checkpoint(model) -> list[str]:
+        spans = [(a, b) for a, b, path in _file_mappings() if path == checkpoint]
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in spans)]
+
+    assert in_checkpoint(plain), "transformers no longer maps the checkpoint: this test checks nothing"
+    lm = load_causal_lm(tiny_model, tokenizer)
+    assert in_checkpoint(lm) == []
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    assert in_checkpoint(load_reward_model(tiny_model, tokenizer, "cpu", init_head=True)) == []

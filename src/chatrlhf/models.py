@@ -118,7 +118,22 @@ def load_causal_lm(name_or_path: str, tokenizer, device: torch.device | str = "c
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     match_tokenizer(model, tokenizer)
     disable_dropout(model)
-    return model.to(device)
+    return own_weights(model.to(device))
+
+
+def own_weights(model):
+    """Copy CPU parameters out of the checkpoint file into the process's own memory; returns the model.
+
+    transformers loads safetensors by mapping the file, so each CPU parameter is a view of the mapping. The
+    first optimizer step then takes a copy-on-write page fault for every 4 KiB page it writes, and forwards
+    read through the mapping. Measured at 135M parameters on CPU: the copy takes 0.24 s and the first
+    training step of a reward model drops from ~4.4 s to ~2.8 s (its AdamW step from 1.75 s to 0.42 s).
+    Tied parameters stay tied: each `Parameter` object gets new storage once."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu":
+                param.data = param.data.clone()
+    return model
 
 
 def match_tokenizer(model, tokenizer) -> None:

@@ -34,6 +34,7 @@ from chatrlhf.models import (
     disable_dropout,
     load_tokenizer,
     match_tokenizer,
+    own_weights,
     pick_device,
     resolve_model,
     save_model,
@@ -100,7 +101,7 @@ def load_reward_model(name_or_path: str, tokenizer, device, init_head: bool = Fa
             head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
             if head.bias is not None:
                 head.bias.zero_()
-    return model.to(device)
+    return own_weights(model.to(device))
 
 
 def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
