@@ -68,6 +68,7 @@ from chatrlhf.training import (
     check_config,
     load_resumable,
     make_optimizer,
+    reuse_freed_memory,
     save_resumable,
 )
 
@@ -360,6 +361,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     ptx = _ptx_sampler(cfg, tokenizer)
     ptx_sampler, ptx_state = ptx if ptx else (None, None)
     device = pick_device()
+    if device.type == "cpu":
+        reuse_freed_memory()
     accelerator = Accelerator(cpu=device.type == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     models = _load_models(cfg, tokenizer, model_path, reward_fn, device)

@@ -18,8 +18,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface, set_seed
@@ -224,7 +224,7 @@ class PackedRow(NamedTuple):
     masks: list[torch.Tensor]
 
     @classmethod
-    def of(cls, shared: int, lengths: list[int], device) -> "PackedRow":
+    def of(cls, shared: int, lengths: list[int], device) -> PackedRow:
         masks = []
         for n in lengths:
             allowed = torch.ones(n, shared + n, dtype=torch.bool, device=device)
