@@ -83,10 +83,8 @@ def resolve_model(name: str) -> str:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """fp32 or bf16; `auto` picks bf16 only where bf16 matmul is fast (CUDA with bf16, CPUs with AMX).
-
-    Without AMX a CPU multiplies bf16 about 100x slower than fp32 (measured on an AVX2 host).
-    """
+    """fp32 or bf16; `auto` picks bf16 on CUDA with bf16 support, and on a CPU where a timed matmul of the
+    default model's shapes runs faster in bf16 than in fp32 (`cpu_fastest_dtype`)."""
     if name == "fp32":
         return torch.float32
     if name == "bf16":
@@ -95,7 +93,80 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise UserError(f"dtype must be fp32, bf16 or auto, got {name!r}")
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if "AMX" in torch.backends.cpu.get_cpu_capability() else torch.float32
+    return cpu_fastest_dtype()
+
+
+# bf16 must beat fp32 by this much to be chosen: autocast also pays for casting weights on every forward
+BF16_MARGIN = 1.2
+_announced: set[str] = set()
+
+
+def _cpu_key() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model}|{capability}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def _matmul_gflops(dtype: torch.dtype, rows: int = 512, inner: int = 576, out: int = 1536) -> float:
+    """GFLOP/s of a (rows x inner) @ (inner x out) matmul, the MLP shape of SmolLM2-135M at a training batch."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inner, generator=generator).to(dtype)
+    w = torch.randn(out, inner, generator=generator).to(dtype)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    began, calls = time.perf_counter(), 0
+    while time.perf_counter() - began < 0.25 or calls < 3:
+        torch.nn.functional.linear(x, w)
+        calls += 1
+    return 2 * rows * inner * out * calls / (time.perf_counter() - began) / 1e9
+
+
+def cpu_fastest_dtype() -> torch.dtype:
+    """bf16 where this CPU multiplies it at least BF16_MARGIN times faster than fp32, else fp32.
+
+    CPUs differ by far more than their flag names say (seen: AVX2 only, bf16 ~100x slower; AVX-512 with
+    BF16, ~2.6x faster; AMX, ~10x faster), so it is measured: once per CPU model, torch version and
+    thread count, cached in `CHATRLHF_CACHE/dtype_probe.json`, and said once per process.
+    """
+    import json
+    import sys
+
+    key = _cpu_key()
+    path = cache_dir() / "dtype_probe.json"
+    try:
+        probes = json.loads(path.read_text())
+    except (OSError, ValueError):
+        probes = {}
+    probe = probes.get(key)
+    if not isinstance(probe, dict) or probe.get("dtype") not in ("fp32", "bf16"):
+        fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
+        probe = {"dtype": "bf16" if bf16 >= BF16_MARGIN * fp32 else "fp32", "fp32": fp32, "bf16": bf16}
+        probes[key] = probe
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(probes, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only means measuring again next time
+    if key not in _announced:
+        _announced.add(key)
+        print(
+            f"dtype auto: {probe['dtype']} (a 512x576x1536 matmul runs {probe['bf16']:.0f} GFLOP/s in bf16 "
+            f"and {probe['fp32']:.0f} in fp32 on this CPU; bf16 is chosen at {BF16_MARGIN}x or more; "
+            f"measured once, cached in {path})",
+            file=sys.stderr,
+        )
+    return torch.bfloat16 if probe["dtype"] == "bf16" else torch.float32
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right"):
