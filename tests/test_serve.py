@@ -226,6 +226,78 @@ def test_api_key_required_when_set(tiny_model):
         proc.wait(timeout=30)
 
 
+class FailingForward:
+    """Makes the model's forward raise on its `countdown`-th call from now (1: the prompt's prefill)."""
+
+    def __init__(self, model):
+        self.countdown = 0
+        model.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        if self.countdown:
+            self.countdown -= 1
+            if self.countdown == 0:
+                raise RuntimeError("the accelerator fell over")
+
+
+def test_a_failed_generation_is_an_error_the_client_sees(tiny_model, caplog):
+    """In-process server (so the model can be made to fail): a 500 before streaming starts, an error event
+    after, a log line each time, and the next request is served."""
+    import threading
+
+    import uvicorn
+
+    from chatrlhf.models import load_causal_lm
+    from chatrlhf.serve.app import ServeConfig, create_app
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, tokenizer)
+    failing = FailingForward(model)
+    port = free_port()
+    app = create_app(ServeConfig(max_tokens=64), model, tokenizer, NAME)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    request = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    try:
+        expected = client.chat.completions.create(**request, max_tokens=12).choices[0].message.content
+        assert expected
+
+        failing.countdown = 1  # the prefill fails: nothing was sent, so a 500 in OpenAI's error body
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(**request, max_tokens=12)
+        assert caught.value.body["type"] == "server_error" and "fell over" in caught.value.body["message"]
+        failing.countdown = 1
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(**request, max_tokens=12, stream=True)
+
+        failing.countdown = 6  # five tokens streamed, then the sixth forward fails
+        stream = client.chat.completions.create(**request, max_tokens=12, stream=True)
+        received, finish_reasons = [], []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                for c in chunk.choices:
+                    received.append(c.delta.content or "")
+                    finish_reasons.append(c.finish_reason)
+        assert not isinstance(caught.value, openai.APIStatusError)  # the 200 was sent: an error event
+        assert "fell over" in caught.value.message
+        text = "".join(received)
+        assert text and expected.startswith(text) and "fell over" not in text
+        assert finish_reasons == [None] * len(finish_reasons)  # never finished as if it were an answer
+
+        failures = [r for r in caplog.records if r.name == "chatrlhf.serve" and r.levelname == "ERROR"]
+        assert len(failures) == 3 and all("fell over" in str(r.exc_info[1]) for r in failures)
+        assert client.chat.completions.create(**request, max_tokens=12).choices[0].message.content == expected
+        stream = client.chat.completions.create(**request, max_tokens=12, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -40,7 +40,14 @@ def reply(engine: Engine, tokenizer, messages: list[dict], cfg: ChatConfig, out=
 
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     ids = prompt_ids(tokenizer, messages, cfg.system)
-    engine.submit(Request(ids, sampling, on_text=on_text, on_done=lambda c, r, t: done.set()))
+
+    def on_error(error: Exception) -> None:
+        out.write(f"\n(generation failed: {type(error).__name__}: {error})")
+        done.set()
+
+    engine.submit(
+        Request(ids, sampling, on_text=on_text, on_done=lambda c, r, t: done.set(), on_error=on_error)
+    )
     done.wait()
     out.write("\n")
     return "".join(parts)

@@ -4,14 +4,15 @@
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions (stream via server-sent events ending in
 `data: [DONE]`), and the chat page at /. Prompts go through the same conversation renderer as training.
-Errors use OpenAI's error body with the matching status; the server stays up.
+Errors use OpenAI's error body with the matching status; the server stays up. A request whose generation
+fails gets a 500 (`server_error`) when nothing was sent yet; a stream that already started ends with an
+OpenAI-style error event, `data: {"error": {...}}`, instead of `[DONE]`. Both are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         kind = {401: "authentication_error", 404: "not_found_error"}.get(e.status, "invalid_request_error")
+        kind = "server_error" if e.status >= 500 else kind
         return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
@@ -160,36 +162,49 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
         sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def put(*event) -> None:  # called from the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        engine_request = EngineRequest(
+            ids,
+            sampling,
+            req.n,
+            stops,
+            req.seed,
+            on_text=lambda c, d: put("text", c, d),
+            on_done=lambda c, r, t: put("done", c, (r, t)),
+            on_error=lambda e: put("error", None, e),
+        )
+        engine.submit(engine_request)
         if req.stream:
+            # the status line goes out with the first event, so a request that fails before producing
+            # anything still gets a 500 instead of a stream
+            first = await _next_event(events, engine_request)
+            if first[0] == "error":
+                raise APIError(500, _failure(first[2]))
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 _stream(
-                    engine, ids, sampling, req, stops, completion_id, created, name, include_usage, request
+                    events, first, engine_request, ids, req.n, completion_id, created, name, include_usage
                 ),
                 media_type="text/event-stream",
             )
         texts = [""] * req.n
-        reasons: list[str | None] = [None] * req.n
+        reasons: list[str] = [""] * req.n
         counts = [0] * req.n
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        lock = threading.Lock()
-
-        def on_text(choice: int, delta: str) -> None:
-            texts[choice] += delta
-
-        def on_done(choice: int, reason: str, tokens: int) -> None:
-            with lock:
-                reasons[choice], counts[choice] = reason, tokens
-                if all(r is not None for r in reasons):
-                    loop.call_soon_threadsafe(done.set)
-
-        engine.submit(EngineRequest(ids, sampling, req.n, stops, req.seed, on_text, on_done))
-        await done.wait()
-        if any(r.startswith("error") for r in reasons if r):
-            raise APIError(
-                500, "generation failed: " + next(r for r in reasons if r and r.startswith("error"))
-            )
+        finished = 0
+        while finished < req.n:
+            kind, choice, payload = await _next_event(events, engine_request)
+            if kind == "error":
+                raise APIError(500, _failure(payload))
+            if kind == "text":
+                texts[choice] += payload
+            else:
+                reasons[choice], counts[choice] = payload
+                finished += 1
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -214,22 +229,21 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
     return app
 
 
-async def _stream(
-    engine, ids, sampling, req: ChatRequest, stops, completion_id, created, name, include_usage, http_request
-):
-    events: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    engine_request = EngineRequest(
-        ids,
-        sampling,
-        req.n,
-        stops,
-        req.seed,
-        on_text=lambda c, d: loop.call_soon_threadsafe(events.put_nowait, ("text", c, d)),
-        on_done=lambda c, r, t: loop.call_soon_threadsafe(events.put_nowait, ("done", c, (r, t))),
-    )
-    engine.submit(engine_request)
+async def _next_event(events: asyncio.Queue, engine_request: EngineRequest) -> tuple:
+    try:
+        return await events.get()
+    except asyncio.CancelledError:
+        engine_request.cancelled.set()  # the client went away: free its rows
+        raise
 
+
+def _failure(error: Exception) -> str:
+    return f"generation failed ({type(error).__name__}: {error}); the server logged the details"
+
+
+async def _stream(
+    events: asyncio.Queue, first: tuple, engine_request, ids, n, completion_id, created, name, include_usage
+):
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {
             "id": completion_id,
@@ -246,20 +260,26 @@ async def _stream(
         yield chunk(
             [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                for i in range(req.n)
+                for i in range(n)
             ]
         )
-        finished, completion_tokens = 0, 0
-        while finished < req.n:
-            kind, choice, payload = await events.get()
+        finished, completion_tokens, event = 0, 0, first
+        while True:
+            kind, choice, payload = event
+            if kind == "error":
+                # the 200 status is already sent: end the stream with an error event, as OpenAI does
+                yield f"data: {json.dumps(error_body(_failure(payload), 'server_error'))}\n\n"
+                return
             if kind == "text":
                 yield chunk([{"index": choice, "delta": {"content": payload}, "finish_reason": None}])
             else:
                 reason, tokens = payload
                 finished += 1
                 completion_tokens += tokens
-                reason = "stop" if reason.startswith("error") else reason
                 yield chunk([{"index": choice, "delta": {}, "finish_reason": reason}])
+            if finished == n:
+                break
+            event = await events.get()
         if include_usage:
             usage = {
                 "prompt_tokens": len(ids),
@@ -273,6 +293,8 @@ async def _stream(
 
 
 def run(cfg: ServeConfig) -> None:
+    import logging
+
     import uvicorn
 
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
@@ -282,6 +304,7 @@ def run(cfg: ServeConfig) -> None:
     model = load_causal_lm(path, tokenizer, pick_device())
     name = cfg.served_name or Path(path).name or path
     app = create_app(cfg, model, tokenizer, name)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     print(
         f"serving {path} as {name!r} on http://{cfg.host}:{cfg.port}  (chat page at /, API at /v1)",
         flush=True,

@@ -5,10 +5,13 @@ and every queued request with the same settings (up to `max_batch` rows, waiting
 more to arrive), generates them together through
 the shared generation engine, and streams each row's text as it grows. Requests that fix a `seed` run in
 a batch of their own, so the seed alone decides their answer. Requests are served in arrival order.
+A batch whose generation raises is logged, each of its requests gets `on_error`, and the worker goes on
+with the next batch.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +22,8 @@ import torch
 
 from chatrlhf.generation import SamplingConfig, generate
 
+log = logging.getLogger("chatrlhf.serve")
+
 
 @dataclass
 class Request:
@@ -27,9 +32,11 @@ class Request:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    # on_text(choice, text_delta) streams; on_done(choice, finish_reason, completion_tokens) closes a choice
+    # on_text(choice, text_delta) streams; on_done(choice, finish_reason, completion_tokens) closes a choice;
+    # on_error(exception) ends the whole request when generation failed (no on_done follows)
     on_text: Callable[[int, str], None] = lambda choice, delta: None
     on_done: Callable[[int, str, int], None] = lambda choice, reason, tokens: None
+    on_error: Callable[[Exception], None] = lambda error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def key(self) -> tuple:
@@ -100,9 +107,9 @@ class Engine:
                 try:
                     self._run(batch)
                 except Exception as e:  # a failed batch must not take the server down
+                    log.exception("generation failed for a batch of %d request(s)", len(batch))
                     for r in batch:
-                        for c in range(r.n):
-                            r.on_done(c, f"error: {e}", 0)
+                        r.on_error(e)
 
     @torch.no_grad()
     def _run(self, batch: list[Request]) -> None:
