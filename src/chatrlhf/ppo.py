@@ -61,7 +61,7 @@ from chatrlhf.models import (
     save_model,
 )
 from chatrlhf.reward import load_reward_model
-from chatrlhf.runs import MetricsLog, RunDir, data_lineage, plot_metrics
+from chatrlhf.runs import MetricsLog, RunDir, data_lineage, keep_rows_upto, plot_metrics
 from chatrlhf.sft import collate, target_logits
 from chatrlhf.training import (
     autocast,
@@ -384,6 +384,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
         run.start(overwrite=cfg.overwrite and not cfg.resume)
     accelerator.wait_for_everyone()
     log = MetricsLog(run, cfg.report_to, resume_step=start, enabled=main)
+    if main:
+        keep_rows_upto(run.path / "samples.jsonl", start)  # a resumed run writes the later samples again
     console = Console(stderr=True, quiet=not main)
     summary: dict[str, float] = {}
     columns = [TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]

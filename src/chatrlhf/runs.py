@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from chatrlhf.errors import UserError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+# test hook (tests/test_crash_safety.py): set to a step number, the process kills itself with SIGKILL while
+# that step's checkpoint is half written. Unset, as in any real run, it changes nothing.
+DIE_IN_CHECKPOINT = "CHATRLHF_TEST_DIE_IN_CHECKPOINT"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -96,6 +100,8 @@ class RunDir:
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".step-{step}."))
         os.chmod(tmp, 0o755)
         write(tmp)
+        if os.environ.get(DIE_IN_CHECKPOINT) == str(step):
+            _die_half_written(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted(
@@ -104,6 +110,8 @@ class RunDir:
         )
         for old in kept[: max(0, len(kept) - max(keep, 1))]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoints.glob(".step-*"):  # left by a run killed while writing a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         return final
 
     # ---- the final checkpoint
@@ -123,6 +131,14 @@ class RunDir:
         )
 
 
+def _die_half_written(folder: Path) -> None:
+    """The `DIE_IN_CHECKPOINT` hook: cut the checkpoint's largest file to half its length, as a kill in the
+    middle of writing it leaves it, then SIGKILL this process."""
+    biggest = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl; optional TensorBoard / W&B sinks."""
 
@@ -132,14 +148,9 @@ class MetricsLog:
         self.sinks: list[Any] = []
         if not enabled:
             return
-        if resume_step and self.path.exists():
+        if resume_step:
             # drop what was logged after the checkpoint we resume from: the curve continues from there
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= resume_step
-            ]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            keep_rows_upto(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()
         for sink in report_to:
@@ -170,6 +181,14 @@ class MetricsLog:
     def close(self) -> None:
         for sink in self.sinks:
             (sink.close if hasattr(sink, "close") else sink.finish)()
+
+
+def keep_rows_upto(path: Path, step: int) -> None:
+    """Drop the rows of a per-step JSONL log (`{"step": N, ...}`) that come after `step`: a run resumed from
+    checkpoint `step` logs them again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
