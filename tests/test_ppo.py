@@ -314,3 +314,50 @@ def test_rows_that_finish_leave_the_batch_without_changing_the_others(tiny_model
         n = int(gen.response_mask[b].sum())
         assert gen.response_ids[b, :n].tolist() == alone.response_ids[0, :n].tolist()
         assert torch.allclose(gen.logprobs[b, :n], alone.logprobs[0, :n], atol=1e-4)
+
+
+def test_rloo_learns_without_a_value_model_and_resumes_exactly(tiny_model, tokenizer, prompts_file, tmp_path):
+    reward = low_half_reward(len(tokenizer))
+    rloo = dict(advantage_estimator="rloo", samples_per_prompt=4, batch_size=4, top_k=10)
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "rloo", max_steps=12, **rloo)
+    train(cfg, reward_fn=reward)
+    rows = [r for r in read_metrics(cfg.output_dir) if "ppo/reward" in r]
+    rewards = [r["ppo/reward"] for r in rows]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert "ppo/value_loss" not in rows[-1] and not (tmp_path / "rloo" / "value").exists()
+    samples = [json.loads(line) for line in (tmp_path / "rloo" / "samples.jsonl").read_text().splitlines()]
+    assert len([s for s in samples if s["step"] == 12]) == 16  # 4 prompts x 4 answers per step
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 3:
+            raise Killed
+
+    whole = ppo_config(tiny_model, prompts_file, tmp_path / "whole", max_steps=4, save_every=2, **rloo)
+    train(whole, reward_fn=reward)
+    cut = ppo_config(tiny_model, prompts_file, tmp_path / "cut", max_steps=4, save_every=2, **rloo)
+    with pytest.raises(Killed):
+        train(cut, reward_fn=reward, on_step=kill)
+    cut.resume = True
+    train(cut, reward_fn=reward)
+    keys = ["ppo/reward", "ppo/kl", "ppo/policy_loss"]
+    a = [[r[k] for k in keys] for r in read_metrics(whole.output_dir) if "ppo/reward" in r]
+    b = [[r[k] for k in keys] for r in read_metrics(cut.output_dir) if "ppo/reward" in r]
+    assert len(a) == len(b) == 4
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_rloo_needs_two_answers_per_prompt(tmp_path, tiny_model, prompts_file):
+    for extra, message in (
+        (["--advantage_estimator", "rloo"], "samples_per_prompt must be at least 2"),
+        (["--advantage_estimator", "vtrace"], "advantage_estimator: 'vtrace' is not gae or rloo"),
+        (["--samples_per_prompt", "0"], "samples_per_prompt must be at least 1"),
+    ):
+        result = chatrlhf(
+            "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--data.train", prompts_file,
+            "--output_dir", str(tmp_path / "o"), *extra,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "o").exists()

@@ -10,6 +10,7 @@ import torch
 from chatrlhf.losses import (
     gae,
     kl_penalty,
+    leave_one_out_advantages,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
@@ -90,3 +91,20 @@ def test_token_rewards_score_at_last_token_kl_everywhere():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     rewards = token_rewards(torch.tensor([2.0, -1.0]), kl, 0.1, mask)
     assert torch.allclose(rewards, torch.tensor([[-0.01, -0.02, 2.0 - 0.03], [-1.0 - 0.05, 0.0, 0.0]]))
+
+
+def test_leave_one_out_advantages_by_hand():
+    # two prompts x two answers; per-token rewards sum to the answer's return
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, -1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    adv, ret = leave_one_out_advantages(rewards, mask, group_size=2)
+    # returns 1.0, 0.5 | 2.0, -1.0 (the 9.0 is padding); each baseline is the other answer's return
+    expected = torch.tensor([[0.5, 0.5, 0.0], [-0.5, 0.0, 0.0], [3.0, 3.0, 3.0], [-3.0, -3.0, 0.0]])
+    assert torch.allclose(adv, expected)
+    assert torch.allclose(ret[:, 0], torch.tensor([1.0, 0.5, 2.0, -1.0]))
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_others():
+    rewards = torch.tensor([[1.0], [2.0], [6.0]])
+    adv, _ = leave_one_out_advantages(rewards, torch.ones(3, 1), group_size=3)
+    assert torch.allclose(adv[:, 0], torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from chatrlhf.generation import Generation, SamplingConfig, generate, positions, response_token_lists
-from chatrlhf.losses import gae, kl_penalty, masked_whiten, token_rewards
+from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
 from chatrlhf.models import unwrap
 from chatrlhf.reward import backbone_hidden, scalar_head
 
@@ -83,7 +83,7 @@ def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.T
 @dataclass
 class Models:
     policy: torch.nn.Module
-    value: torch.nn.Module
+    value: torch.nn.Module | None  # None: rloo advantages need no value model
     reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
     reward: torch.nn.Module | None  # None: a reward function is used
     reward_bias: float = 0.0
@@ -110,7 +110,10 @@ def score(models: Models, gen: Generation, cfg: PPOConfig, conversations, tokeni
         ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature)
     ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
     del ref_logits
-    values = token_values(models.value, sequences, mask, width) * gen.response_mask
+    if models.value is None:  # rloo: the other answers to the prompt are the baseline
+        values = torch.zeros_like(ref_logprobs)
+    else:
+        values = token_values(models.value, sequences, mask, width) * gen.response_mask
     if reward_fn is not None:
         ids = response_token_lists(gen, tokenizer.eos_token_id)
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
@@ -141,7 +144,10 @@ def make_experience(gen: Generation, scored: dict, cfg: PPOConfig, kl_coef: floa
     rewards = token_rewards(scores, kl, kl_coef, mask)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, scored["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.advantage_estimator == "rloo":
+        advantages, returns = leave_one_out_advantages(rewards, mask, cfg.samples_per_prompt)
+    else:
+        advantages, returns = gae(rewards, scored["values"], mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return Experience(

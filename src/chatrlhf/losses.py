@@ -104,6 +104,26 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each answer's return (its score
+    minus the KL penalty summed over its tokens) minus the mean return of the other answers to the same
+    prompt, at every one of its tokens. No value model: the other answers are the baseline.
+
+    rewards, mask: (B, T) per-token rewards, B = prompts x group_size with a prompt's answers consecutive;
+    group_size >= 2. Returns (advantages, returns), each (B, T), zero on padding; returns hold the answer's
+    total return at each of its tokens.
+    """
+    assert group_size >= 2 and rewards.shape[0] % group_size == 0, (rewards.shape, group_size)
+    mask = mask.to(rewards.dtype)
+    total = (rewards * mask).sum(1)
+    grouped = total.view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    advantages = (grouped - baseline).reshape(-1)[:, None] * mask
+    return advantages, total[:, None] * mask
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -85,7 +85,15 @@ class PPOConfig(TrainConfig):
         "frozen model of the KL penalty; empty: the starting policy (set it to the SFT model when PPO "
         "continues from an earlier PPO policy)",
     )
-    batch_size: int = help_field(8, "prompts (rollouts) per PPO step")
+    batch_size: int = help_field(8, "prompts per PPO step")
+    samples_per_prompt: int = help_field(
+        1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"
+    )
+    advantage_estimator: str = help_field(
+        "gae",
+        "gae: a value model and GAE (InstructGPT) | rloo: each answer's return minus the mean return of "
+        "the other answers to its prompt, no value model (needs samples_per_prompt >= 2)",
+    )
     lr: float = help_field(3e-6, "peak learning rate of policy and value")
     warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
     lr_scheduler: str = help_field("linear", "learning-rate decay: cosine | linear | constant")
@@ -132,17 +140,18 @@ def minibatch_loss(
     pg_loss, pg_stats = ppo_policy_loss(
         logprobs, exp.logprobs[idx], exp.advantages[idx], mask, cfg.clip_range
     )
-    values = token_values(models.value, seq, att, exp.prompt_width)
-    v_loss, v_clipfrac = value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
-    loss = pg_loss + cfg.vf_coef * v_loss
+    loss = pg_loss
     stats = {
         "ppo/policy_loss": pg_loss.item(),
-        "ppo/value_loss": v_loss.item(),
         "ppo/clipfrac": pg_stats["clipfrac"].item(),
         "ppo/approx_kl": pg_stats["approx_kl"].item(),
-        "ppo/value_clipfrac": v_clipfrac.item(),
         "ppo/entropy": masked_mean(entropy_from_logits(logits.detach()), mask).item(),
     }
+    if models.value is not None:
+        values = token_values(models.value, seq, att, exp.prompt_width)
+        v_loss, v_clipfrac = value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
+        loss = loss + cfg.vf_coef * v_loss
+        stats.update({"ppo/value_loss": v_loss.item(), "ppo/value_clipfrac": v_clipfrac.item()})
     if ptx_rows:
         # InstructGPT's PPO-ptx: the pretraining gradient is accumulated with the PPO gradient
         ptx_logits, ptx_targets = target_logits(models.policy, collate(ptx_rows, pad_id, seq.device))
@@ -253,8 +262,15 @@ def _check(cfg: PPOConfig, reward_fn) -> None:
         raise UserError(f"kl_estimator: {cfg.kl_estimator!r} is not k1 or k3")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise UserError("ptx_data: PPO-ptx (ptx_coef > 0) needs a text file to mix in")
-    if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1:
-        raise UserError("minibatches, ppo_epochs and max_new_tokens must be at least 1")
+    if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1 or cfg.samples_per_prompt < 1:
+        raise UserError("minibatches, ppo_epochs, max_new_tokens and samples_per_prompt must be at least 1")
+    if cfg.advantage_estimator not in ("gae", "rloo"):
+        raise UserError(f"advantage_estimator: {cfg.advantage_estimator!r} is not gae or rloo")
+    if cfg.advantage_estimator == "rloo" and cfg.samples_per_prompt < 2:
+        raise UserError(
+            "advantage_estimator: rloo compares the answers to one prompt, so samples_per_prompt must be "
+            f"at least 2 (it is {cfg.samples_per_prompt})"
+        )
 
 
 def _same_vocabulary(path: str, tokenizer, policy_tokenizer, what: str) -> None:
@@ -276,10 +292,12 @@ def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) 
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
-    value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
-    _same_vocabulary(value_path, load_tokenizer(value_path), tokenizer, "value_model")
-    value = load_reward_model(value_path, tokenizer, device)
-    if cfg.lora.enabled:
+    value = None
+    if cfg.advantage_estimator == "gae":
+        value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
+        _same_vocabulary(value_path, load_tokenizer(value_path), tokenizer, "value_model")
+        value = load_reward_model(value_path, tokenizer, device)
+    if cfg.lora.enabled and value is not None:
         value = apply_lora(value, cfg.lora)
         for name, p in value.named_parameters():
             p.requires_grad = p.requires_grad or ".score." in name
@@ -323,12 +341,16 @@ def _save(folder: Path, models: Models, optimizer, scheduler, step, kl: Adaptive
     if ema is not None:
         save_file({n: t.contiguous() for n, t in ema.shadow.items()}, str(folder / "ema.safetensors"))
     ptx_at = ptx_state["at"] if ptx_state else 0
-    named = {"policy": models.policy, "value": models.value}
+    named = _trained(models)
     save_resumable(folder, named, optimizer, scheduler, step, kl_coef=kl.value, ptx_at=ptx_at)
 
 
+def _trained(models: Models) -> dict:
+    return {"policy": models.policy} | ({"value": models.value} if models.value is not None else {})
+
+
 def _load(folder: Path, models: Models, optimizer, scheduler, kl: AdaptiveKL, ema, ptx_state) -> int:
-    state = load_resumable(folder, {"policy": models.policy, "value": models.value}, optimizer, scheduler)
+    state = load_resumable(folder, _trained(models), optimizer, scheduler)
     if ema is not None:
         ema.shadow = load_file(str(folder / "ema.safetensors"))
     kl.value = state["kl_coef"]
@@ -346,7 +368,7 @@ def _timed(metrics: dict, name: str):
 
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_fn=None) -> dict[str, float]:
     """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model.
-    `gold_fn(prompts, answers) -> scores`, a judge the policy never sees, is logged as `ppo/gold_reward`
+    `gold_fn(prompts, answers, records) -> scores` (records: each prompt's other fields), a judge the policy never sees, is logged as `ppo/gold_reward`
     beside the proxy reward, to show over-optimisation of the reward model when it happens.
 
     Under `accelerate launch` (or torchrun) each process rolls out `batch_size` prompts of its own per step;
@@ -369,7 +391,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     dtype = resolve_dtype(cfg.dtype)
     per_step = cfg.batch_size * world
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
-    params = [p for m in (models.policy, models.value) for p in m.parameters() if p.requires_grad]
+    params = [p for m in _trained(models).values() for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, params, steps)
     kl_ctl = AdaptiveKL(cfg)
     ema = EMA(models.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -396,7 +418,12 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
             began = time.perf_counter()
             # every step's randomness comes from (seed, step, process), so a resumed run repeats it exactly
             generator = torch.Generator(device=device).manual_seed((cfg.seed * 100003 + step) * 1009 + rank)
-            picked = step_prompts(cfg, len(prompts), step, world)[rank::world]
+            # a prompt's samples_per_prompt answers lie next to each other in the batch
+            picked = [
+                i
+                for i in step_prompts(cfg, len(prompts), step, world)[rank::world]
+                for _ in range(cfg.samples_per_prompt)
+            ]
             batch_convs = [conversations[i].messages for i in picked]
             with _timed(metrics, "rollout"), autocast(device, dtype):
                 gen = rollout(models, [prompts[i] for i in picked], cfg, tokenizer, generator)
@@ -407,7 +434,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
                 texts = tokenizer.batch_decode(
                     response_token_lists(gen, tokenizer.eos_token_id), skip_special_tokens=True
                 )
-                metrics["ppo/gold_reward"] = sum(gold_fn(batch_convs, texts)) / len(texts)
+                metas = [conversations[i].extra for i in picked]
+                metrics["ppo/gold_reward"] = sum(gold_fn(batch_convs, texts, metas)) / len(texts)
             try:
                 with _timed(metrics, "update"), autocast(device, dtype):
                     metrics.update(
@@ -420,12 +448,12 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
                     f"ppo: a loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)"
                 ) from None
             scheduler.step()
-            metrics.update(_rollout_metrics(exp, gen, kl_ctl.value))
+            metrics.update(_rollout_metrics(exp, gen, kl_ctl.value, models.value is not None))
             metrics["timing/step"] = time.perf_counter() - began
             if world > 1:
                 metrics = _mean_over_processes(accelerator, metrics, device)
                 _check_in_sync(accelerator, models.policy, step + 1)
-            kl_ctl.update(metrics["ppo/kl"], per_step)
+            kl_ctl.update(metrics["ppo/kl"], per_step * cfg.samples_per_prompt)
             done = step + 1
             log.log(done, metrics)
             summary.update(metrics)
@@ -488,7 +516,7 @@ def _check_in_sync(accelerator, policy, step: int) -> None:
         )
 
 
-def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float) -> dict[str, float]:
+def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float, has_value: bool) -> dict[str, float]:
     mask = exp.response_mask.float()
     return {
         "ppo/reward": exp.scores.mean().item(),
@@ -497,9 +525,12 @@ def _rollout_metrics(exp: Experience, gen: Generation, kl_coef: float) -> dict[s
         "ppo/kl_coef": kl_coef,
         "ppo/response_length": mask.sum(1).mean().item(),
         "ppo/eos_rate": gen.finished.float().mean().item(),
-        "ppo/explained_variance": explained_variance(exp.values, exp.returns, mask).item(),
         "ppo/advantage_mean": masked_mean(exp.advantages, mask).item(),
-    }
+    } | (
+        {"ppo/explained_variance": explained_variance(exp.values, exp.returns, mask).item()}
+        if has_value
+        else {}
+    )
 
 
 def _write_samples(
@@ -526,4 +557,5 @@ def _export(folder: Path, models: Models, tokenizer, ema) -> None:
     if ema is not None:
         models.policy.load_state_dict(ema.shadow, strict=False)
     save_model(models.policy, folder, tokenizer)
-    save_model(models.value, folder / "value")
+    if models.value is not None:
+        save_model(models.value, folder / "value")
