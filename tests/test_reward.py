@@ -240,6 +240,14 @@ BAD_RECORDS = {
     "all tie": ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]}, "field `ranks`: all answers tie"),
     "broken line": ('{"prompt": "q", "responses": ', "broken JSON"),
     "one response": ({"prompt": "q", "responses": ["a"], "ranks": [1]}, "needs at least 2 answers"),
+    "chosen is rejected": (
+        {"prompt": "q", "chosen": "a", "rejected": "a"},
+        "fields `chosen` and `rejected` hold the same answer",
+    ),
+    "one answer ranked twice": (
+        {"prompt": "q", "responses": ["a", "b", "a"], "ranks": [1, 2, 3]},
+        "field `responses[2]` is the same text as `responses[0]` but ranked 3 against 1",
+    ),
 }
 
 

@@ -50,6 +50,11 @@ class DataConfig:
         False, "cut samples longer than max_length instead of stopping with an error"
     )
     packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
+    on_invalid: str = help_field(
+        "stop",
+        "a record that fails validation: stop (naming file, line and field) | skip (leave it out, count it, "
+        "record why in run.json)",
+    )
     shuffle: bool = help_field(True, "shuffle the training samples every epoch (seeded)")
     system_prompt: str = help_field(
         "", "system turn added to conversations that have none (empty: the chat template's own default)"

@@ -2,17 +2,18 @@
 
 Files are JSON Lines, JSON (a list of records), Parquet, plain text, or a `datasets` hub name where a
 network exists. Every record is checked before any training starts; a bad one raises `DataError` naming
-the file, line and field, so a run never stops halfway through because of its data.
+the file, line and field, so a run never stops halfway through because of its data. Under
+`data.on_invalid: skip` (`InvalidRecords`) bad records are left out and counted instead.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from chatrlhf.chat import ROLES, render
 from chatrlhf.errors import UserError
@@ -20,6 +21,80 @@ from chatrlhf.errors import UserError
 
 class DataError(UserError):
     """A data file or record the user must fix; the message starts with `file:line:`."""
+
+
+T = TypeVar("T")
+ON_INVALID = ("stop", "skip")
+SHOWN_REASONS = 3  # printed per file; run.json keeps up to KEPT_REASONS
+KEPT_REASONS = 100
+
+
+@dataclass
+class InvalidRecords:
+    """`data.on_invalid`: a record that fails validation stops the run (`stop`) or is left out (`skip`).
+
+    Every loader checks its records through `keep`, so one policy covers every format. Under `skip` the
+    records left out are counted, the first few reasons printed per file, and `summary()` goes to run.json.
+    """
+
+    policy: str = "stop"
+    reasons: list[str] = field(default_factory=list)  # "file:line: field ..." of each record left out
+    _reported: int = field(default=0, init=False, repr=False)  # reasons printed by an earlier `keep`
+
+    def __post_init__(self):
+        if self.policy not in ON_INVALID:
+            raise UserError(f"data.on_invalid: {self.policy!r} is not one of {', '.join(ON_INVALID)}")
+
+    def reject(self, error: DataError) -> None:
+        """A record failed: stop with its error, or leave it out and remember why."""
+        if self.policy == "stop":
+            raise error
+        self.reasons.append(str(error))
+
+    def keep(self, source: str, records: Sequence[Record], parse: Callable[[Record], T]) -> list[T]:
+        """`parse(record)` of every record of `source` that passes it. Under `skip`, one that raises
+        `DataError` is left out; a file with nothing left but invalid records still stops."""
+        kept = []
+        for record in records:
+            try:
+                kept.append(parse(record))
+            except DataError as e:
+                self.reject(e)
+        # this file's, lines `read_records` refused included, in file order
+        left_out = sorted(self.reasons[self._reported :], key=lambda reason: _line_number(reason, source))
+        self.reasons[self._reported :] = left_out
+        self._reported = len(self.reasons)
+        if left_out and not kept:
+            raise DataError(
+                f"{source}: all {len(left_out)} records are invalid, nothing is left to use "
+                f"(data.on_invalid: skip); the first: {left_out[0]}"
+            )
+        if left_out:
+            shown = "".join(f"\n  {reason}" for reason in left_out[:SHOWN_REASONS])
+            more = (
+                f"\n  ... and {len(left_out) - SHOWN_REASONS} more" if len(left_out) > SHOWN_REASONS else ""
+            )
+            print(
+                f"warning: {source}: {len(left_out)} invalid record(s) left out (data.on_invalid: skip):"
+                f"{shown}{more}",
+                file=sys.stderr,
+            )
+        return kept
+
+    def summary(self) -> dict[str, Any]:
+        """For run.json: the policy, how many records were left out and (the first KEPT_REASONS) why."""
+        return {
+            "on_invalid": self.policy,
+            "left_out": len(self.reasons),
+            "reasons": self.reasons[:KEPT_REASONS],
+        }
+
+
+def _line_number(reason: str, source: str) -> int:
+    """The line (or row) a "file:line: ..." reason names, for sorting."""
+    place = reason[len(source) + 1 :].removeprefix("row ")
+    digits = place[: len(place) - len(place.lstrip("0123456789"))]
+    return int(digits) if digits else 0
 
 
 @dataclass
@@ -50,8 +125,9 @@ class Sample:
 # files
 
 
-def read_records(source: str) -> list[Record]:
-    """All records of a data file (or hub dataset), each with where it came from."""
+def read_records(source: str, invalid: InvalidRecords | None = None) -> list[Record]:
+    """All records of a data file (or hub dataset), each with where it came from. A broken JSON Lines line
+    goes to `invalid` (which stops, or leaves it out); a broken file of another kind always stops."""
     path = Path(source).expanduser()
     if not path.exists():
         return _read_hub(source)
@@ -64,7 +140,7 @@ def read_records(source: str) -> list[Record]:
         return _read_parquet(path)
     if suffix == ".json":
         return _read_json(path)
-    return list(_read_jsonl(path))
+    return list(_read_jsonl(path, invalid or InvalidRecords()))
 
 
 def _read_text(path: Path) -> str:
@@ -76,21 +152,30 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[Record]:
+def _read_jsonl(path: Path, invalid: InvalidRecords) -> Iterator[Record]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
-            if not line.strip():
+                record = _jsonl_record(raw, f"{path}:{number}")
+            except DataError as e:
+                invalid.reject(e)
                 continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: broken JSON: {e.msg} (column {e.colno})") from None
-            yield Record(where, _as_object(data, where))
+            if record is not None:
+                yield record
+
+
+def _jsonl_record(raw: bytes, where: str) -> Record | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: broken JSON: {e.msg} (column {e.colno})") from None
+    return Record(where, _as_object(data, where))
 
 
 def _read_json(path: Path) -> list[Record]:
@@ -203,27 +288,35 @@ def demonstration(record: Record) -> Conversation:
     raise DataError(f"{where}: expected field `messages`, or fields `prompt` and `completion`")
 
 
-def load_demonstrations(source: str, fmt: str = "auto") -> list[Conversation]:
+def load_demonstrations(
+    source: str, fmt: str = "auto", invalid: InvalidRecords | None = None
+) -> list[Conversation]:
     """Demonstrations from a file: chats, prompt/completion pairs, or OpenAssistant trees."""
-    records = read_records(source)
-    if fmt == "oasst" or (fmt == "auto" and records and "message_tree_id" in records[0].data):
-        from chatrlhf.oasst import tree_demonstrations
-
-        return tree_demonstrations(records)
-    if fmt not in ("auto", "messages", "prompt_completion"):
+    invalid = invalid or InvalidRecords()
+    if fmt not in ("auto", "messages", "prompt_completion", "oasst"):
         raise DataError(
             f"data.format: {fmt!r} is not a demonstrations format (messages, prompt_completion, oasst)"
         )
-    if not records:
+    records = read_records(source, invalid)
+    if fmt == "oasst" or (fmt == "auto" and records and "message_tree_id" in records[0].data):
+        from chatrlhf.oasst import tree_demonstrations
+
+        return tree_demonstrations(source, records, invalid)
+    conversations = invalid.keep(source, records, demonstration)
+    if not conversations:
         raise DataError(f"{source}: no records")
-    return [demonstration(r) for r in records]
+    return conversations
 
 
-def load_texts(source: str) -> list[Record]:
+def _text_record(record: Record) -> Record:
+    _text_field(record.data, "text", record.where)
+    return record
+
+
+def load_texts(source: str, invalid: InvalidRecords | None = None) -> list[Record]:
     """Raw text records `{"text": str}` (or a .txt file) for causal-LM training."""
-    records = read_records(source)
-    for r in records:
-        _text_field(r.data, "text", r.where)
+    invalid = invalid or InvalidRecords()
+    records = invalid.keep(source, read_records(source, invalid), _text_record)
     if not records:
         raise DataError(f"{source}: no records")
     return records
@@ -312,21 +405,25 @@ def chunk_stream(documents: Sequence[list[int]], max_length: int) -> list[Sample
     ]
 
 
-def load_prompts(source: str) -> list[Conversation]:
+def prompt_record(record: Record) -> Conversation:
+    """A prompt record as a conversation ending in a user turn; its other fields travel as `extra`."""
+    data, where = record.data, record.where
+    if "messages" in data:
+        messages = check_messages(data["messages"], where, last_role="user")
+    elif isinstance(data.get("prompt"), list):
+        messages = check_messages(data["prompt"], where, "prompt", last_role="user")
+    elif "prompt" in data:
+        messages = [{"role": "user", "content": _text_field(data, "prompt", where)}]
+    else:
+        raise DataError(f"{where}: expected field `prompt` (text or messages) or `messages`")
+    extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
+    return Conversation(where, messages, extra)
+
+
+def load_prompts(source: str, invalid: InvalidRecords | None = None) -> list[Conversation]:
     """Prompts for sampling and PPO: `{"prompt": str | messages}` or `{"messages": [...]}` ending in a user turn."""
-    conversations = []
-    for record in read_records(source):
-        data, where = record.data, record.where
-        if "messages" in data:
-            messages = check_messages(data["messages"], where, last_role="user")
-        elif isinstance(data.get("prompt"), list):
-            messages = check_messages(data["prompt"], where, "prompt", last_role="user")
-        elif "prompt" in data:
-            messages = [{"role": "user", "content": _text_field(data, "prompt", where)}]
-        else:
-            raise DataError(f"{where}: expected field `prompt` (text or messages) or `messages`")
-        extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
-        conversations.append(Conversation(where, messages, extra))
+    invalid = invalid or InvalidRecords()
+    conversations = invalid.keep(source, read_records(source, invalid), prompt_record)
     if not conversations:
         raise DataError(f"{source}: no prompts")
     return conversations

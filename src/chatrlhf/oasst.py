@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from chatrlhf.data import Conversation, DataError, Record
+from chatrlhf.data import Conversation, DataError, InvalidRecords, Record
 
 ROLE = {"prompter": "user", "assistant": "assistant"}
 
@@ -42,54 +42,62 @@ def _root(record: Record) -> dict[str, Any]:
     return root
 
 
-def tree_demonstrations(records: Sequence[Record]) -> list[Conversation]:
+def _best_path(record: Record) -> Conversation | None:
+    """The tree's best-ranked path, cut to end in an assistant turn; None when no usable one is left."""
+    message = _root(record)
+    if not usable(message) or message["role"] != "prompter":
+        return None
+    path = []
+    while message is not None:
+        path.append({"role": ROLE[message["role"]], "content": message["text"]})
+        message = _best_reply(message.get("replies") or [])
+    if path[-1]["role"] != "assistant":
+        path.pop()
+    return Conversation(record.where, path) if len(path) >= 2 else None
+
+
+def tree_demonstrations(
+    source: str, records: Sequence[Record], invalid: InvalidRecords | None = None
+) -> list[Conversation]:
     """The best-ranked root-to-leaf path of each tree, cut to end in an assistant turn."""
-    conversations = []
-    for record in records:
-        message = _root(record)
-        if not usable(message) or message["role"] != "prompter":
-            continue
-        path = []
-        while message is not None:
-            path.append({"role": ROLE[message["role"]], "content": message["text"]})
-            message = _best_reply(message.get("replies") or [])
-        if path[-1]["role"] != "assistant":
-            path.pop()
-        if len(path) >= 2:
-            conversations.append(Conversation(record.where, path))
+    invalid = invalid or InvalidRecords()
+    conversations = [c for c in invalid.keep(source, records, _best_path) if c is not None]
     if not conversations:
-        raise DataError(
-            f"{records[0].where if records else 'OpenAssistant file'}: no usable conversation in the trees"
-        )
+        raise DataError(f"{source}: no usable conversation in the trees")
     return conversations
 
 
-def tree_rankings(records: Sequence[Record]):
-    """Every group of ranked, human-written sibling replies as one ranking of K answers.
+def _ranked_groups(record: Record) -> list:
+    """Every group of ranked, human-written sibling replies in one tree as a ranking of K answers.
 
     The prompt is the conversation from the root down to the replies' parent (itself along usable messages).
     """
-    from chatrlhf.preferences import Ranking
+    from chatrlhf.preferences import Ranking, check_ranking
 
     rankings = []
 
-    def walk(message: dict[str, Any], history: list[dict[str, str]], where: str) -> None:
+    def walk(message: dict[str, Any], history: list[dict[str, str]]) -> None:
         history = history + [{"role": ROLE[message["role"]], "content": message["text"]}]
         replies = [m for m in message.get("replies") or [] if usable(m)]
         ranked = [m for m in replies if isinstance(m.get("rank"), int)]
         if message["role"] == "prompter" and len({m["rank"] for m in ranked}) >= 2:
-            rankings.append(
-                Ranking(where, history, [m["text"] for m in ranked], [m["rank"] + 1 for m in ranked])
+            ranking = Ranking(
+                record.where, history, [m["text"] for m in ranked], [m["rank"] + 1 for m in ranked]
             )
+            rankings.append(check_ranking(ranking))
         for reply in replies:
-            walk(reply, history, where)
+            walk(reply, history)
 
-    for record in records:
-        root = _root(record)
-        if usable(root) and root["role"] == "prompter":
-            walk(root, [], record.where)
+    root = _root(record)
+    if usable(root) and root["role"] == "prompter":
+        walk(root, [])
+    return rankings
+
+
+def tree_rankings(source: str, records: Sequence[Record], invalid: InvalidRecords | None = None):
+    """Every group of ranked, human-written sibling replies of every tree, one ranking each."""
+    invalid = invalid or InvalidRecords()
+    rankings = [r for groups in invalid.keep(source, records, _ranked_groups) for r in groups]
     if not rankings:
-        raise DataError(
-            f"{records[0].where if records else 'OpenAssistant file'}: no ranked sibling replies in the trees"
-        )
+        raise DataError(f"{source}: no ranked sibling replies in the trees")
     return rankings

@@ -29,7 +29,14 @@ from transformers import set_seed
 
 from chatrlhf.chat import prompt_ids
 from chatrlhf.config import TrainConfig, help_field, to_dict
-from chatrlhf.data import DataError, chunk_stream, load_prompts, load_texts, tokenize_texts
+from chatrlhf.data import (
+    DataError,
+    InvalidRecords,
+    chunk_stream,
+    load_prompts,
+    load_texts,
+    tokenize_texts,
+)
 from chatrlhf.errors import UserError
 from chatrlhf.experience import (
     Experience,
@@ -310,8 +317,8 @@ def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) 
     return Models(policy, value, reference, reward, bias)
 
 
-def _prompt_ids(cfg: PPOConfig, tokenizer) -> tuple[list, list[list[int]]]:
-    conversations = load_prompts(cfg.data.train)
+def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[list, list[list[int]]]:
+    conversations = load_prompts(cfg.data.train, invalid)
     ids = []
     for conv in conversations:
         tokens = prompt_ids(tokenizer, conv.messages, cfg.data.system_prompt)
@@ -323,10 +330,10 @@ def _prompt_ids(cfg: PPOConfig, tokenizer) -> tuple[list, list[list[int]]]:
     return conversations, ids
 
 
-def _ptx_sampler(cfg: PPOConfig, tokenizer):
+def _ptx_sampler(cfg: PPOConfig, tokenizer, invalid: InvalidRecords):
     if cfg.ptx_coef <= 0:
         return None
-    rows = chunk_stream(tokenize_texts(load_texts(cfg.ptx_data), tokenizer), cfg.ptx_max_length)
+    rows = chunk_stream(tokenize_texts(load_texts(cfg.ptx_data, invalid), tokenizer), cfg.ptx_max_length)
     state = {"at": 0}
 
     def next_rows():
@@ -379,8 +386,9 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     _check(cfg, reward_fn)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    conversations, prompts = _prompt_ids(cfg, tokenizer)
-    ptx = _ptx_sampler(cfg, tokenizer)
+    invalid = InvalidRecords(cfg.data.on_invalid)
+    conversations, prompts = _prompt_ids(cfg, tokenizer, invalid)
+    ptx = _ptx_sampler(cfg, tokenizer, invalid)
     ptx_sampler, ptx_state = ptx if ptx else (None, None)
     device = pick_device()
     if device.type == "cpu":
@@ -485,6 +493,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
             "reference": cfg.reference_model or model_path,
             "reward_model": cfg.reward_model or "reward function",
             "data": data_lineage(cfg.data.train, cfg.ptx_data),
+            "invalid_records": invalid.summary(),
         }
         info = {
             "stage": "ppo",

@@ -6,7 +6,9 @@
   prompt may be messages or absent when chosen/rejected hold the whole conversation.
 - Anthropic HH: `{"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": ...}`.
 - OpenAssistant trees: every group of ranked sibling replies is one ranking (see `oasst.py`).
-All become `Ranking` records; a bad one raises `DataError` with file, line and field.
+All become `Ranking` records; a bad one raises `DataError` with file, line and field. So does a
+contradictory one: a pair whose chosen and rejected answers are the same text, or a ranking giving one
+answer two different ranks (the same answer at the same rank is a tie, and fine).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from chatrlhf.data import DataError, Record, check_messages, read_records
+from chatrlhf.data import DataError, InvalidRecords, Record, check_messages, read_records
 
 
 @dataclass
@@ -41,7 +43,22 @@ def check_ranking(ranking: Ranking) -> Ranking:
         raise DataError(
             f"{where}: field `ranks`: all answers tie ({ranking.ranks}), so there is no preference to learn"
         )
+    first: dict[str, int] = {}  # answer text -> index of its first occurrence
+    for i, response in enumerate(ranking.responses):
+        j = first.setdefault(response.strip(), i)
+        if ranking.ranks[j] != ranking.ranks[i]:
+            raise DataError(
+                f"{where}: field `responses[{i}]` is the same text as `responses[{j}]` but ranked "
+                f"{ranking.ranks[i]} against {ranking.ranks[j]}: a contradictory preference"
+            )
     return ranking
+
+
+def _distinct_pair(chosen: str, rejected: str, where: str) -> None:
+    if chosen.strip() == rejected.strip():
+        raise DataError(
+            f"{where}: fields `chosen` and `rejected` hold the same answer: a contradictory preference"
+        )
 
 
 def _prompt(data: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -107,6 +124,7 @@ def from_record(record: Record) -> Ranking:
                 raise DataError(
                     f"{where}: fields `chosen` and `rejected` differ before their final Assistant turn"
                 )
+            _distinct_pair(chosen[-1]["content"], rejected[-1]["content"], where)
             return check_ranking(
                 Ranking(where, chosen[:-1], [chosen[-1]["content"], rejected[-1]["content"]], [1, 2])
             )
@@ -120,19 +138,22 @@ def from_record(record: Record) -> Ranking:
                     f"{where}: without `prompt`, `chosen` and `rejected` must share the conversation before the answer"
                 )
             prompt = check_messages(context_c, where, "chosen", last_role="user")
+        _distinct_pair(chosen, rejected, where)
         return check_ranking(Ranking(where, prompt, [chosen, rejected], [1, 2]))
     raise DataError(
         f"{where}: expected fields `prompt`, `responses`, `ranks` (rankings) or `chosen`, `rejected` (pairs)"
     )
 
 
-def load_rankings(source: str, fmt: str = "auto") -> list[Ranking]:
+def load_rankings(source: str, fmt: str = "auto", invalid: InvalidRecords | None = None) -> list[Ranking]:
     """Rankings from any of the supported preference formats."""
-    records = read_records(source)
-    if not records:
-        raise DataError(f"{source}: no records")
-    if fmt == "oasst" or (fmt == "auto" and "message_tree_id" in records[0].data):
+    invalid = invalid or InvalidRecords()
+    records = read_records(source, invalid)
+    if fmt == "oasst" or (fmt == "auto" and records and "message_tree_id" in records[0].data):
         from chatrlhf.oasst import tree_rankings
 
-        return tree_rankings(records)
-    return [from_record(r) for r in records]
+        return tree_rankings(source, records, invalid)
+    rankings = invalid.keep(source, records, from_record)
+    if not rankings:
+        raise DataError(f"{source}: no records")
+    return rankings

@@ -26,7 +26,7 @@ from transformers import AttentionInterface, set_seed
 
 from chatrlhf.chat import render
 from chatrlhf.config import TrainConfig, help_field
-from chatrlhf.data import DataError, load_demonstrations
+from chatrlhf.data import DataError, InvalidRecords, load_demonstrations
 from chatrlhf.errors import UserError
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
@@ -409,12 +409,13 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
-    rankings = load_rankings(d.train, d.format)
+    invalid = InvalidRecords(d.on_invalid)
+    rankings = load_rankings(d.train, d.format, invalid)
     if d.eval:
-        train_rankings, eval_rankings = rankings, load_rankings(d.eval, d.format)
+        train_rankings, eval_rankings = rankings, load_rankings(d.eval, d.format, invalid)
     else:
         train_rankings, eval_rankings = split_by_prompt(rankings, cfg.eval_fraction, cfg.seed)
-    reference = load_demonstrations(cfg.normalize_with) if cfg.normalize_with else []
+    reference = load_demonstrations(cfg.normalize_with, invalid=invalid) if cfg.normalize_with else []
     train_items = tokenize_rankings(train_rankings, tokenizer, d.max_length, d.truncation, d.system_prompt)
     eval_items = tokenize_rankings(eval_rankings, tokenizer, d.max_length, d.truncation, d.system_prompt)
     if cfg.pairs_as_independent:
@@ -427,7 +428,11 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
         model = apply_lora(model, cfg.lora)
         for name, p in model.named_parameters():
             p.requires_grad = p.requires_grad or name.split(".")[-2] == "score"  # the new head always trains
-    lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval, cfg.normalize_with)}
+    lineage = {
+        "parent": model_path,
+        "data": data_lineage(d.train, d.eval, cfg.normalize_with),
+        "invalid_records": invalid.summary(),
+    }
     stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt)
     if reference:
         stage.export = _normalizing_export(stage.export, reference, tokenizer, cfg, device)

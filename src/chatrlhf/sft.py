@@ -17,6 +17,7 @@ from transformers import set_seed
 
 from chatrlhf.config import PretrainConfig, SFTConfig, TrainConfig
 from chatrlhf.data import (
+    InvalidRecords,
     Sample,
     chunk_stream,
     load_demonstrations,
@@ -130,20 +131,22 @@ def train(cfg: SFTConfig, on_step=None) -> dict[str, float]:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
-    train_samples = tokenize_conversations(
-        load_demonstrations(d.train, d.format), tokenizer, d.max_length, d.truncation, d.system_prompt
-    )
-    eval_samples = (
-        tokenize_conversations(
-            load_demonstrations(d.eval, d.format), tokenizer, d.max_length, d.truncation, d.system_prompt
-        )
-        if d.eval
-        else []
-    )
+    invalid = InvalidRecords(d.on_invalid)
+
+    def samples(source: str) -> list[Sample]:
+        conversations = load_demonstrations(source, d.format, invalid)
+        return tokenize_conversations(conversations, tokenizer, d.max_length, d.truncation, d.system_prompt)
+
+    train_samples = samples(d.train)
+    eval_samples = samples(d.eval) if d.eval else []
     if d.packing:
         train_samples = pack(train_samples, d.max_length)
     model = _prepare_model(cfg, tokenizer, model_path)
-    lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval)}
+    lineage = {
+        "parent": model_path,
+        "data": data_lineage(d.train, d.eval),
+        "invalid_records": invalid.summary(),
+    }
     stage = _lm_stage("sft", tokenizer, pick_device(), lineage, ["train/loss", "eval/loss", "train/lr"])
     return fit(cfg, stage, model, train_samples, eval_samples, on_step=on_step)
 
@@ -154,9 +157,16 @@ def pretrain(cfg: PretrainConfig, on_step=None) -> dict[str, float]:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
-    train_rows = chunk_stream(tokenize_texts(load_texts(d.train), tokenizer), d.max_length)
-    eval_rows = chunk_stream(tokenize_texts(load_texts(d.eval), tokenizer), d.max_length) if d.eval else []
+    invalid = InvalidRecords(d.on_invalid)
+    train_rows = chunk_stream(tokenize_texts(load_texts(d.train, invalid), tokenizer), d.max_length)
+    eval_rows = (
+        chunk_stream(tokenize_texts(load_texts(d.eval, invalid), tokenizer), d.max_length) if d.eval else []
+    )
     model = _prepare_model(cfg, tokenizer, model_path)
-    lineage = {"parent": model_path, "data": data_lineage(d.train, d.eval)}
+    lineage = {
+        "parent": model_path,
+        "data": data_lineage(d.train, d.eval),
+        "invalid_records": invalid.summary(),
+    }
     stage = _lm_stage("pretrain", tokenizer, pick_device(), lineage, ["train/loss", "eval/loss", "train/lr"])
     return fit(cfg, stage, model, train_rows, eval_rows, on_step=on_step)
