@@ -4,13 +4,16 @@ the terminal chat."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -32,28 +35,30 @@ def free_port() -> int:
 
 def start_server(model: str, *extra: str):
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "chatrlhf",
-            "serve",
-            model,
-            "--port",
-            str(port),
-            "--served_name",
-            NAME,
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = Path(tempfile.mkdtemp(prefix="chatrlhf-serve-")) / "server.log"
+    # a file, not a pipe: a pipe nobody reads stalls a server that logs a lot
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chatrlhf",
+                "serve",
+                model,
+                "--port",
+                str(port),
+                "--served_name",
+                NAME,
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -154,6 +159,9 @@ def test_stop_sequence(client):
         ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError),
         ({"temperature": 5}, openai.BadRequestError),
         ({"max_tokens": 100000}, openai.BadRequestError),
+        ({"max_tokens": -5}, openai.BadRequestError),
+        ({"messages": []}, openai.BadRequestError),
+        ({"seed": 2**70}, openai.BadRequestError),  # more than a torch generator takes
         ({"model": "gpt-4"}, openai.NotFoundError),
     ],
 )
@@ -164,11 +172,18 @@ def test_bad_requests_get_the_matching_client_error(client, server, kwargs, erro
     assert httpx.get(server + "/health").status_code == 200
 
 
-def test_malformed_json_and_too_long_prompt(server):
+def test_malformed_json_bad_text_and_too_long_prompt(server):
     r = httpx.post(
         server + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # valid JSON, but the text holds a lone UTF-16 surrogate, which no tokenizer can encode
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
     r = httpx.post(
         server + "/v1/chat/completions",
         json={"model": NAME, "messages": [{"role": "user", "content": "word " * 5000}]},
@@ -210,6 +225,20 @@ def test_64_concurrent_streams_complete_unmixed(server, client):
     results = asyncio.run(main())
     assert len(results) == 64
     assert all(answer == reference[p] for p, answer in results)
+
+
+def test_load_with_malformed_requests_mixed_in(server):
+    """bench/serve_load.py's load at test size: 8 streaming clients for 3 s, every other request malformed."""
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("serve_load", folder / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = asyncio.run(bench.drive(server, NAME, clients=8, duration=3.0, max_tokens=6, malformed_every=2))
+    assert record["well_formed"] >= 8 and record["well_formed_failed"] == 0, record["failures"]
+    statuses = record["malformed_statuses"]
+    assert all(statuses[kind] for kind in bench.MALFORMED), statuses  # every kind was sent
+    assert record["malformed_not_4xx"] == 0, statuses
+    assert httpx.get(server + "/health").status_code == 200
 
 
 def test_api_key_required_when_set(tiny_model):

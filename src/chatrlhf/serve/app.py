@@ -50,6 +50,16 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def encodable(cls, content: str) -> str:
+        # JSON may carry a lone UTF-16 surrogate ("\ud800"), which no tokenizer can encode
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+        return content
+
 
 class ChatRequest(BaseModel):
     model: str
@@ -60,7 +70,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch generator takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -106,6 +116,12 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         message = first["msg"] if param is None else f"{param}: {first['msg']}"
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        # a bug of the server's own: still OpenAI's error body (uvicorn logs the traceback)
+        message = f"the server failed on this request ({type(e).__name__}); it logged the details"
+        return JSONResponse(error_body(message, "server_error"), status_code=500)
 
     def check_key(request: Request) -> None:
         if cfg.api_key and request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
