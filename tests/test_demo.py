@@ -8,8 +8,8 @@ import random
 import pytest
 from conftest import chatrlhf
 
-from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, prompts, written_answer
-from chatrlhf.judges import satisfies_all
+from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, paired_prompts, prompts, written_answer
+from chatrlhf.judges import RuleJudge, constraints_of, satisfies_all
 
 ASKS = {
     "lowercase": "Tell me about bees, writing in all lowercase letters.",
@@ -45,9 +45,40 @@ def test_written_answers_meet_their_constraints_and_topics_split():
     assert len(rows) == len(TOPICS) * len(CONSTRAINTS)
     rng = random.Random(0)
     assert all(
-        satisfies_all([{"role": "user", "content": r["prompt"]}], written_answer(r, rng)) for r in rows
+        satisfies_all([{"role": "user", "content": r["prompt"]}], written_answer(r, rng), r) for r in rows
     )
     assert set(HELD_OUT_TOPICS) < set(TOPICS)
+
+
+def test_paired_prompts_combine_two_constraints_the_demonstrations_teach_alone():
+    rows = paired_prompts(["bees", "the moon"])
+    assert len(rows) == 2 * 6  # every pair of the four constraints, per topic
+    for r in rows:
+        found = constraints_of([{"role": "user", "content": r["prompt"]}], r)
+        assert len(found) == 3 and found[-1].kind == "about"  # two constraints and the topic
+        # the prompt's words say what its record lists: the parser reads the same two constraints
+        parsed = constraints_of([{"role": "user", "content": r["prompt"]}], {})
+        assert {c.kind for c in parsed} == {c.kind for c in found[:2]}, r["prompt"]
+    asks = {r["constraint"] for r in rows}
+    assert "lowercase+short" in asks and "bullets+question" in asks
+
+
+@pytest.mark.parametrize(
+    "answer,met",
+    [
+        ("bees make honey and live in hives.", True),
+        ("bees", False),  # one word: no substance, though short and lowercase
+        ("", False),
+        ("they make honey and live in hives.", False),  # never names the topic
+        ("a bee makes honey in its hive.", True),  # the singular names it too
+    ],
+)
+def test_the_gold_judge_asks_for_substance(answer, met):
+    row = next(r for r in paired_prompts(["bees"]) if r["constraint"] == "lowercase+short")
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    assert satisfies_all(prompt, answer, row) is met
+    best, degenerate = RuleJudge().scores(prompt, ["bees make honey and live in hives.", "bees"], row)
+    assert best > degenerate
 
 
 def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
@@ -59,12 +90,18 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     state = json.loads((out / "pipeline.json").read_text())
     assert list(state["stages"]) == ["sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo", "eval"]
     assert state["stages"]["iter1/sample"]["tasks"] == len(
-        prompts([t for t in TOPICS if t not in HELD_OUT_TOPICS])
+        paired_prompts([t for t in TOPICS if t not in HELD_OUT_TOPICS])
     )
     for folder in ("sft", "iter1/rm", "iter1/ppo"):
         assert (out / folder / "model.safetensors").is_file()
     report = (out / "report.md").read_text()
-    assert "win-rate over baseline" in report and "held-out accuracy" in report
+    assert "decisive win-rate" in report and "held-out accuracy" in report
+    assert (out / "success_by_model.png").is_file() and report.index("success_by_model.png") < report.index(
+        "## Stages"
+    )
+    figures = json.loads((out / "eval" / "eval.json").read_text())
+    assert {"win_rate", "win_rate_ci", "decisive_win_rate", "success_rate", "success_diff_ci"} <= set(figures)
+    assert set(figures["success_rate"]) == {"policy", "baseline", "base"}
     assert (out / "proxy_vs_gold.png").is_file() and "proxy_vs_gold.png" in report
     ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)

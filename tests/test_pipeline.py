@@ -22,6 +22,14 @@ DEMOS = [
 ] * 4
 
 
+def test_paired_success_difference_interval():
+    # the policy meets the constraints on 3 of 4 prompts where the baseline meets 1; pairs resampled together
+    diffs = [[1.0], [1.0], [0.0], [0.0]]
+    lo, hi = bootstrap_ci(diffs, seed=0)
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    assert bootstrap_ci([[1.0]] * 6, seed=0) == (1.0, 1.0)
+
+
 def test_bootstrap_interval():
     assert bootstrap_ci([[1.0], [1.0], [1.0]], seed=0) == (1.0, 1.0)
     lo, hi = bootstrap_ci([[1.0, 0.0]] * 10 + [[0.5]] * 10, seed=0)
@@ -39,7 +47,8 @@ def test_eval_of_a_model_against_itself_is_all_ties_and_zero_kl(tiny_model, tmp_
     assert figures["win_rate_ci"] == [0.5, 0.5]
     assert abs(figures["kl"]) < 1e-3  # same weights: log-ratios cancel up to float error
     assert figures["success_rate"]["policy"] == figures["success_rate"]["baseline"]
-    assert "win-rate over baseline" in (out / "eval.md").read_text()
+    assert figures["success_diff_ci"] == [0.0, 0.0]  # the same answers: every paired difference is 0
+    assert "decisive win-rate" in (out / "eval.md").read_text()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 16
 
 
@@ -47,7 +56,8 @@ def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
     other = make_tiny_model(tmp_path / "other", tokenizer, seed=5)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     args = ["--policy", other, "--baseline", tiny_model, "--prompts", prompts, "--max_new_tokens", "6"]
-    result = chatrlhf("eval", *args, "--temperature", "1.0", "--output", str(tmp_path / "e"))
+    third = make_tiny_model(tmp_path / "third", tokenizer, seed=6)
+    result = chatrlhf("eval", *args, "--temperature", "1.0", "--base", third, "--output", str(tmp_path / "e"))
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert figures["wins"] + figures["ties"] + figures["losses"] == 8
@@ -63,6 +73,19 @@ def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
     success = sum(g["policy_success"] * g["pairs"] for g in groups.values()) / 8
     assert success == pytest.approx(figures["success_rate"]["policy"])
     assert "| bullets 2 | 4 |" in (tmp_path / "e" / "eval.md").read_text()
+    decisive = figures["wins"] + figures["losses"]
+    if decisive:
+        assert figures["decisive_win_rate"] == pytest.approx(figures["wins"] / decisive)
+    rates = figures["success_rate"]
+    assert set(rates) == {"policy", "baseline", "base"}  # the starting model is scored too
+    for name, (lo, hi) in figures["success_ci"].items():
+        assert lo <= rates[name] <= hi
+    lo, hi = figures["success_diff_ci"]
+    assert lo <= rates["policy"] - rates["baseline"] <= hi
+    rows = [json.loads(line) for line in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
+    assert all(set(r["met"]) == {"policy", "baseline", "base"} for r in rows)
+    base_met = sum(r["met"]["base"] for r in rows) / len(rows)
+    assert base_met == pytest.approx(rates["base"])
 
 
 def _pipeline_files(tmp_path) -> list[str]:
@@ -115,6 +138,9 @@ def test_pipeline_twice_with_one_seed_gives_the_same_numbers(tiny_model, tmp_pat
     assert run["lineage"]["parent"] == str(outs[0] / "iter1" / "ppo")
     report = (outs[0] / "report.md").read_text()
     assert "iteration 2: reward model" in report and "![PPO, iteration 2](iter2/ppo/ppo_curves.png)" in report
+    assert report.index("![base -> SFT -> PPO](success_by_model.png)") < report.index("## Stages")
+    assert (outs[0] / "success_by_model.png").stat().st_size > 0
+    assert set(first["eval"]["success_rate"]) == {"policy", "baseline", "base"}
 
 
 def test_pipeline_waits_for_people_then_resumes_without_redoing_stages(tiny_model, tmp_path):

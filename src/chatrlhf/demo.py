@@ -71,13 +71,45 @@ CONSTRAINTS = {
 }
 
 
+# a clause per constraint, so that two combine into one instruction; each with its explicit constraint
+CLAUSES = {
+    "lowercase": ("in all lowercase letters", {"kind": "lowercase"}),
+    "bullets": ("as exactly 3 bullet points", {"kind": "bullets", "value": 3}),
+    "short": ("in at most 15 words", {"kind": "max_words", "value": 15}),
+    "question": ("ending with a question", {"kind": "question"}),
+}
+PAIR_TEMPLATES = ("Describe {topic} {first}, {second}.", "Tell me about {topic} {first} and {second}.")
+
+
 def prompts(topics: list[str]) -> list[dict]:
-    """One prompt record per topic and constraint; `constraint` names it for the report."""
+    """One prompt record per topic and constraint (the demonstrations' prompts); `constraint` names it."""
     return [
         {"prompt": template.format(topic=topic), "constraint": name, "topic": topic}
         for topic in topics
         for name, (template, _) in CONSTRAINTS.items()
     ]
+
+
+def paired_prompts(topics: list[str]) -> list[dict]:
+    """One prompt record per topic and pair of constraints: what is ranked, what PPO trains on and what is
+    evaluated. The demonstrations teach each constraint alone (InstructGPT's SFT, RM and PPO prompts differ
+    too), so the SFT model leaves room to improve; each record lists its constraints for the rule judge."""
+    names = list(CLAUSES)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    rows = []
+    for t, topic in enumerate(topics):
+        for p, (a, b) in enumerate(pairs):
+            template = PAIR_TEMPLATES[(t + p) % len(PAIR_TEMPLATES)]
+            text = template.format(topic=topic, first=CLAUSES[a][0], second=CLAUSES[b][0])
+            rows.append(
+                {
+                    "prompt": text,
+                    "constraint": f"{a}+{b}",
+                    "topic": topic,
+                    "constraints": [CLAUSES[a][1], CLAUSES[b][1]],
+                }
+            )
+    return rows
 
 
 def written_answer(row: dict, rng: random.Random) -> str:
@@ -111,9 +143,10 @@ def best_of_n_demonstrations(
             model, tokenizer, chunk, n, SamplingConfig(max_new_tokens, temperature=1.0), seed + start, 1
         )
         for row, d in zip(rows[start : start + 8], drawn):
-            scores = judge.scores(d.conversation.messages, d.answers, {})
+            meta = {"topic": row["topic"]}
+            scores = judge.scores(d.conversation.messages, d.answers, meta)
             best = max(zip(scores, d.answers), default=(0.0, ""))[1]
-            if best and satisfies_all(d.conversation.messages, best):
+            if best and satisfies_all(d.conversation.messages, best, meta):
                 out.append({"prompt": row["prompt"], "completion": best, "source": "best-of-n"})
             else:
                 out.append(
@@ -182,9 +215,9 @@ def run(cfg: DemoConfig) -> dict:
     data = Path(cfg.output_dir).parent / (Path(cfg.output_dir).name + "_data")
     data.mkdir(parents=True, exist_ok=True)
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
-    train_rows, held_rows = prompts(train_topics), prompts(list(HELD_OUT_TOPICS))
-    atomic_write_jsonl(data / "prompts.jsonl", train_rows)
-    atomic_write_jsonl(data / "eval_prompts.jsonl", held_rows)
+    train_rows = prompts(train_topics)
+    atomic_write_jsonl(data / "prompts.jsonl", paired_prompts(train_topics))
+    atomic_write_jsonl(data / "eval_prompts.jsonl", paired_prompts(list(HELD_OUT_TOPICS)))
     demos = data / "demonstrations.jsonl"
     if not (cfg.resume and demos.exists()):
         console.rule("[bold]demonstrations: best of N sampled answers by the rule judge")

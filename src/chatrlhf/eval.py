@@ -35,6 +35,9 @@ from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
 class EvalConfig:
     policy: str = help_field("", "the model being evaluated (a checkpoint folder or hub id)")
     baseline: str = help_field("", "the model it is compared with, e.g. the SFT checkpoint")
+    base: str = help_field(
+        "", "the starting model before SFT, whose answers are scored too (optional; 'default' for SmolLM2)"
+    )
     prompts: str = help_field("", "held-out prompts file (extra fields such as `reference` reach the judge)")
     judge: str = help_field("rule", "rule | reference | rm | llm")
     judge_model: str = help_field("", "rm: the gold reward model; llm: the model name at the endpoint")
@@ -60,12 +63,16 @@ class EvalResult:
     wins: int
     ties: int
     losses: int
-    judge_score: dict[str, float]  # "policy" / "baseline" -> mean judge score
+    judge_score: dict[str, float]  # "policy" / "baseline" (/ "base") -> mean judge score
+    decisive_win_rate: float = float("nan")  # wins / (wins + losses): ties left out
     success_rate: dict[str, float] = field(default_factory=dict)  # rule judge: every constraint met
+    success_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95%, prompts resampled
+    # paired bootstrap over prompts of the policy's minus the baseline's every-constraint-met rate
+    success_diff_ci: tuple[float, float] = (float("nan"), float("nan"))
     rm_score: dict[str, float] = field(default_factory=dict)
     length: dict[str, float] = field(default_factory=dict)  # mean answer tokens
     kl: float = 0.0  # mean KL(policy || baseline) per answer, nats
-    # rule judge: per kind of prompt (its constraints), win-rate and success of each side
+    # rule judge: per kind of prompt (its constraints), win-rate and success (with 95% CI) of each model
     by_constraints: dict[str, dict[str, float]] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)  # side by side: prompt, answers, scores, outcome
 
@@ -127,128 +134,168 @@ def sequence_kl(policy, baseline, tokenizer, conversations, cfg: EvalConfig) -> 
     return total / count
 
 
-def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | None = None) -> EvalResult:
-    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+def _load_answers(cfg: EvalConfig, conversations) -> tuple[dict[str, list[tuple[str, int]]], float]:
+    """Each model's answers ("policy", "baseline", and "base" when asked) and KL(policy || baseline)."""
+    from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_dtype, resolve_model
+    from chatrlhf.training import autocast
 
-    check_config(cfg)
-    conversations = conversations or load_prompts(cfg.prompts)
-    judge = judge or make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
     device = pick_device()
+    dtype = resolve_dtype("auto")
     tokenizer = load_tokenizer(resolve_model(cfg.policy))
     policy = load_causal_lm(resolve_model(cfg.policy), tokenizer, device)
     baseline = load_causal_lm(resolve_model(cfg.baseline), tokenizer, device)
-    answers = {
-        "policy": _answers(policy, tokenizer, conversations, cfg, cfg.seed),
-        "baseline": _answers(baseline, tokenizer, conversations, cfg, cfg.seed),
-    }
-    kl = sequence_kl(policy, baseline, tokenizer, conversations, cfg)
-    del policy, baseline
+    with autocast(device, dtype):
+        answers = {
+            "policy": _answers(policy, tokenizer, conversations, cfg, cfg.seed),
+            "baseline": _answers(baseline, tokenizer, conversations, cfg, cfg.seed),
+        }
+        kl = sequence_kl(policy, baseline, tokenizer, conversations, cfg)
+        del policy, baseline
+        if cfg.base:
+            base = load_causal_lm(resolve_model("" if cfg.base == "default" else cfg.base), tokenizer, device)
+            answers["base"] = _answers(base, tokenizer, conversations, cfg, cfg.seed)
+    return answers, kl
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _by_constraints(rows: list[dict], who: list[str], seed: int) -> dict[str, dict]:
+    """Win-rate and every-constraint-met rate (95% CI over prompts) per kind of prompt."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for row in rows:
+        kind = ", ".join(c for c in row["constraints"] if not c.startswith("about ")) or "none"
+        groups.setdefault(kind, {}).setdefault(row["prompt"], []).append(row)
+    out = {}
+    for kind, by_prompt in sorted(groups.items()):
+        flat = [r for group in by_prompt.values() for r in group]
+        figures: dict = {"pairs": len(flat), "win_rate": _mean(r["outcome"] for r in flat)}
+        for name in who:
+            met = [[float(r["met"][name]) for r in group] for group in by_prompt.values()]
+            figures[f"{name}_success"] = _mean(m for group in met for m in group)
+            figures[f"{name}_success_ci"] = bootstrap_ci(met, seed)
+        out[kind] = figures
+    return out
+
+
+def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | None = None) -> EvalResult:
+    check_config(cfg)
+    conversations = conversations or load_prompts(cfg.prompts)
+    judge = judge or make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
+    answers, kl = _load_answers(cfg, conversations)
+    who = list(answers)
     rm = None
     if cfg.reward_model:
         from chatrlhf.judges import RewardModelJudge
 
         rm = RewardModelJudge(cfg.reward_model)
 
-    rows, outcomes, scores = [], [], {"policy": [], "baseline": []}
-    rm_scores, met = {"policy": [], "baseline": []}, {"policy": [], "baseline": []}
+    rows, outcomes = [], []
     rule = isinstance(judge, RuleJudge)
     for i, conv in enumerate(conversations):
         meta = {**conv.extra, "where": conv.where}
         per_prompt = []
         for s in range(cfg.samples):
-            p_text, b_text = (
-                answers["policy"][i * cfg.samples + s][0],
-                answers["baseline"][i * cfg.samples + s][0],
-            )
-            p_score, b_score = judge.scores(conv.messages, [p_text, b_text], meta)
+            texts = {name: answers[name][i * cfg.samples + s][0] for name in who}
+            scored = dict(zip(who, judge.scores(conv.messages, list(texts.values()), meta)))
+            p_score, b_score = scored["policy"], scored["baseline"]
             outcome = 1.0 if p_score > b_score else 0.5 if p_score == b_score else 0.0
             per_prompt.append(outcome)
-            scores["policy"].append(p_score)
-            scores["baseline"].append(b_score)
-            row = {"prompt": conv.messages[-1]["content"], "policy": p_text, "baseline": b_text}
+            row = {"prompt": conv.messages[-1]["content"], **texts, "scores": scored}
             row.update(policy_score=p_score, baseline_score=b_score, outcome=outcome)
             if rule:
-                for who, text in (("policy", p_text), ("baseline", b_text)):
-                    met[who].append(satisfies_all(conv.messages, text, meta))
+                row["met"] = {name: satisfies_all(conv.messages, t, meta) for name, t in texts.items()}
                 row["constraints"] = [c.describe() for c in constraints_of(conv.messages, meta)]
             if rm is not None:
-                p_rm, b_rm = rm.scores(conv.messages, [p_text, b_text], meta)
-                rm_scores["policy"].append(p_rm)
-                rm_scores["baseline"].append(b_rm)
+                row["rm_scores"] = dict(zip(who, rm.scores(conv.messages, list(texts.values()), meta)))
             rows.append(row)
         outcomes.append(per_prompt)
     flat = [o for group in outcomes for o in group]
-
-    def mean(values):
-        return sum(values) / len(values) if values else float("nan")
-
-    by_constraints: dict[str, dict[str, float]] = {}
-    if rule:
-        groups: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(", ".join(row["constraints"]) or "none", []).append(i)
-        for kind, idx in sorted(groups.items()):
-            by_constraints[kind] = {
-                "pairs": len(idx),
-                "win_rate": mean([rows[i]["outcome"] for i in idx]),
-                "policy_success": mean([met["policy"][i] for i in idx]),
-                "baseline_success": mean([met["baseline"][i] for i in idx]),
-            }
-
-    return EvalResult(
+    wins, losses = sum(o == 1.0 for o in flat), sum(o == 0.0 for o in flat)
+    result = EvalResult(
         prompts=len(conversations),
         pairs=len(flat),
-        win_rate=mean(flat),
+        win_rate=_mean(flat),
         win_rate_ci=bootstrap_ci(outcomes, cfg.seed),
-        wins=sum(o == 1.0 for o in flat),
-        ties=sum(o == 0.5 for o in flat),
-        losses=sum(o == 0.0 for o in flat),
-        judge_score={k: mean(v) for k, v in scores.items()},
-        success_rate={k: mean(v) for k, v in met.items()} if rule else {},
-        rm_score={k: mean(v) for k, v in rm_scores.items()} if rm is not None else {},
-        length={k: mean([n for _, n in v]) for k, v in answers.items()},
+        wins=wins,
+        ties=len(flat) - wins - losses,
+        losses=losses,
+        decisive_win_rate=wins / (wins + losses) if wins + losses else float("nan"),
+        judge_score={name: _mean(r["scores"][name] for r in rows) for name in who},
+        rm_score={name: _mean(r["rm_scores"][name] for r in rows) for name in who} if rm else {},
+        length={name: _mean(n for _, n in answers[name]) for name in who},
         kl=kl,
-        by_constraints=by_constraints,
         rows=rows,
     )
+    if rule:
+        per = cfg.samples
+        met = {name: [[float(r["met"][name]) for r in rows[k : k + per]] for k in range(0, len(rows), per)]
+               for name in who}  # fmt: skip
+        result.success_rate = {name: _mean(m for g in met[name] for m in g) for name in who}
+        result.success_ci = {name: bootstrap_ci(met[name], cfg.seed) for name in who}
+        diffs = [[p - b for p, b in zip(gp, gb)] for gp, gb in zip(met["policy"], met["baseline"])]
+        result.success_diff_ci = bootstrap_ci(diffs, cfg.seed)
+        result.by_constraints = _by_constraints(rows, who, cfg.seed)
+    return result
+
+
+def headline(result: EvalResult) -> list[str]:
+    """The figures a reader needs first, as sentences (console summary and report)."""
+    lo, hi = result.win_rate_ci
+    lines = [
+        f"win-rate {result.win_rate:.1%} (95% CI {lo:.1%}-{hi:.1%}, ties count half) over {result.pairs} "
+        f"pairs: {result.wins} wins, {result.ties} ties, {result.losses} losses; decisive win-rate "
+        f"{result.decisive_win_rate:.1%} (wins / (wins + losses))"
+    ]
+    if result.success_rate:
+        sr, ci = result.success_rate, result.success_ci
+        parts = [
+            f"{name} {sr[name]:.1%} ({ci[name][0]:.1%}-{ci[name][1]:.1%})"
+            for name in ("base", "baseline", "policy")
+            if name in sr
+        ]
+        d_lo, d_hi = result.success_diff_ci
+        lines.append(
+            "every constraint met (95% CI): " + ", ".join(parts) + f"; policy - baseline "
+            f"{sr['policy'] - sr['baseline']:+.1%} (paired 95% CI {d_lo:+.1%} to {d_hi:+.1%})"
+        )
+    return lines
 
 
 def summary_markdown(result: EvalResult, judge: str, show: int = 8) -> str:
-    """The figures as a markdown table, then `show` side-by-side answers."""
-    lo, hi = result.win_rate_ci
-    lines = [
-        "| metric | policy | baseline |",
-        "|---|---|---|",
-        f"| win-rate over baseline ({judge} judge, 95% CI) | {result.win_rate:.1%} [{lo:.1%}, {hi:.1%}] | |",
-        f"| wins / ties / losses | {result.wins} / {result.ties} / {result.losses} | |",
-        f"| mean {judge} judge score | {result.judge_score['policy']:.3f} | {result.judge_score['baseline']:.3f} |",
-    ]
+    """The headline, the figures as a markdown table, then `show` side-by-side answers."""
+    who = [name for name in ("policy", "baseline", "base") if name in result.judge_score]
+    lines = [f"- {line}" for line in headline(result)]
+    lines += ["", "| metric | " + " | ".join(who) + " |", "|---|" + "---|" * len(who)]
+
+    def row(label: str, values: dict, spec: str) -> None:
+        lines.append(f"| {label} | " + " | ".join(format(values[n], spec) for n in who if n in values) + " |")
+
+    row(f"mean {judge} judge score", result.judge_score, ".3f")
     if result.success_rate:
-        sr = result.success_rate
-        lines.append(f"| every constraint met | {sr['policy']:.1%} | {sr['baseline']:.1%} |")
+        row("every constraint met", result.success_rate, ".1%")
     if result.rm_score:
-        lines.append(
-            f"| mean reward-model score | {result.rm_score['policy']:.3f} | {result.rm_score['baseline']:.3f} |"
-        )
-    lines.append(
-        f"| mean answer length (tokens) | {result.length['policy']:.1f} | {result.length['baseline']:.1f} |"
-    )
-    lines.append(f"| KL(policy ‖ baseline) per answer (nats) | {result.kl:.3f} | |")
+        row("mean reward-model score", result.rm_score, ".3f")
+    row("mean answer length (tokens)", result.length, ".1f")
+    lines.append(f"| KL(policy ‖ baseline) per answer (nats) | {result.kl:.3f} |" + " |" * (len(who) - 1))
     if result.by_constraints:
-        lines += ["", "| constraints | pairs | win-rate | policy meets them | baseline meets them |"]
-        lines.append("|---|---|---|---|---|")
+        lines += [
+            "",
+            "| constraints | pairs | win-rate | " + " | ".join(f"{n} meets them" for n in who) + " |",
+        ]
+        lines.append("|---|---|---|" + "---|" * len(who))
         for kind, g in result.by_constraints.items():
-            lines.append(
-                f"| {kind} | {g['pairs']} | {g['win_rate']:.1%} | {g['policy_success']:.1%} "
-                f"| {g['baseline_success']:.1%} |"
-            )
+            cells = " | ".join(f"{g[f'{n}_success']:.1%}" for n in who if f"{n}_success" in g)
+            lines.append(f"| {kind} | {g['pairs']} | {g['win_rate']:.1%} | {cells} |")
     lines += ["", "| prompt | policy | baseline | outcome |", "|---|---|---|---|"]
-    for row in result.rows[:show]:
-        cells = [row["prompt"], row["policy"], row["baseline"]]
+    for r in result.rows[:show]:
+        cells = [r["prompt"], r["policy"], r["baseline"]]
         cells = [c.replace("|", "\\|").replace("\n", "<br>") for c in cells]
-        outcome = {1.0: "win", 0.5: "tie", 0.0: "loss"}[row["outcome"]]
+        outcome = {1.0: "win", 0.5: "tie", 0.0: "loss"}[r["outcome"]]
         lines.append(
-            f"| {cells[0]} | {cells[1]} ({row['policy_score']:.2f}) | {cells[2]} ({row['baseline_score']:.2f}) "
+            f"| {cells[0]} | {cells[1]} ({r['policy_score']:.2f}) | {cells[2]} ({r['baseline_score']:.2f}) "
             f"| {outcome} |"
         )
     return "\n".join(lines) + "\n"
@@ -267,14 +314,8 @@ def print_result(result: EvalResult, cfg: EvalConfig, console: Console) -> None:
             outcome,
         )
     console.print(table)
-    lo, hi = result.win_rate_ci
-    console.print(
-        f"win-rate {result.win_rate:.1%} (95% CI {lo:.1%}-{hi:.1%}) over {result.pairs} pairs: "
-        f"{result.wins} wins, {result.ties} ties, {result.losses} losses"
-    )
-    if result.success_rate:
-        sr = result.success_rate
-        console.print(f"every constraint met: policy {sr['policy']:.1%}, baseline {sr['baseline']:.1%}")
+    for line in headline(result):
+        console.print(line)
     console.print(
         f"mean judge score: policy {result.judge_score['policy']:.3f}, baseline {result.judge_score['baseline']:.3f}"
         f"; KL(policy||baseline) {result.kl:.3f} nats/answer; length {result.length['policy']:.1f} vs "

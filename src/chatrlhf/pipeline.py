@@ -209,7 +209,9 @@ def _gold_fn(pipe: Pipeline):
     if pipe.cfg.labeler != "auto" or lc.judge in ("rm", "llm"):
         return None  # people have no score function; model judges would double PPO's cost
     judge = make_judge(lc.judge, lc.judge_model, lc.llm_base_url, lc.llm_api_key)
-    return lambda convs, texts: [judge.scores(c, [t], {})[0] for c, t in zip(convs, texts)]
+    return lambda convs, texts, metas: [
+        judge.scores(c, [t], meta)[0] for c, t, meta in zip(convs, texts, metas)
+    ]
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -266,6 +268,7 @@ def run(cfg: PipelineConfig) -> dict:
         cfg.eval,
         policy=policy,
         baseline=sft_path,
+        base=cfg.eval.base or cfg.model or "default",
         prompts=cfg.eval_prompts,
         judge=cfg.eval.judge or cfg.label.judge,
         reward_model=cfg.eval.reward_model or str(out / f"iter{cfg.iterations}" / "rm"),

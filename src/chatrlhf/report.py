@@ -47,16 +47,99 @@ def proxy_vs_gold_plot(out: Path, iterations: int) -> Path | None:
         left.axvline(b, color="grey", linestyle=":", linewidth=1)
     fig.suptitle("proxy vs gold reward of the PPO rollouts")
     fig.tight_layout()
-    path = out / "proxy_vs_gold.png"
-    tmp = path.with_name(".proxy_vs_gold.tmp.png")
+    return _save_png(fig, out / "proxy_vs_gold.png")
+
+
+MODELS = (
+    ("base", "base model", "tab:grey"),
+    ("baseline", "SFT", "tab:blue"),
+    ("policy", "PPO", "tab:orange"),
+)
+
+
+def success_plot(out: Path, figures: dict) -> Path | None:
+    """InstructGPT's Figure 1 at laptop scale: the every-constraint-met rate of the base, SFT and PPO models
+    on the held-out prompts, overall and per kind of constraint, with 95% intervals over prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates, cis, kinds = (
+        figures.get("success_rate") or {},
+        figures.get("success_ci") or {},
+        figures.get("by_constraints") or {},
+    )
+    if not rates:
+        return None
+    groups = [("all held-out prompts", {n: (rates[n], cis[n]) for n in rates})]
+    for kind, g in kinds.items():
+        groups.append(
+            (kind.replace(", ", "\n"), {n: (g[f"{n}_success"], g[f"{n}_success_ci"]) for n in rates})
+        )
+    shown = [m for m in MODELS if m[0] in rates]
+    width = 0.8 / len(shown)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4))
+    for k, (name, label, color) in enumerate(shown):
+        xs = [g + (k - (len(shown) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values[name][0] for _, values in groups]
+        lows = [values[name][0] - values[name][1][0] for _, values in groups]
+        highs = [values[name][1][1] - values[name][0] for _, values in groups]
+        ax.bar(xs, ys, width, label=label, color=color, yerr=[lows, highs], capsize=3)
+    ax.set_xticks(range(len(groups)), [title for title, _ in groups], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answers meeting every constraint")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle("held-out prompts: base model -> SFT -> PPO (95% intervals over prompts)")
+    fig.tight_layout()
+    return _save_png(fig, out / "success_by_model.png")
+
+
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
+def _opening(out: Path, cfg, figures: dict) -> list[str]:
+    """The picture first: success of base, SFT and PPO, the headline figures, then proxy vs gold."""
+    from chatrlhf.eval import headline
+
+    lines = []
+    picture = success_plot(out, figures) if figures else None
+    if picture is not None:
+        lines += [f"![base -> SFT -> PPO]({picture.relative_to(out)})", ""]
+    if figures:
+        lines += [f"- {line}" for line in headline(_result(figures, []))]
+        if "kl" in figures:
+            lines.append(f"- KL(PPO ‖ SFT) per answer: {figures['kl']:.3f} nats")
+        lines.append("")
+    gold_plot = proxy_vs_gold_plot(out, cfg.iterations)
+    if gold_plot is not None:
+        lines += [
+            "Proxy (reward model) against gold (judge) reward of the PPO rollouts, step by step: where the "
+            "proxy rises and the gold does not, PPO is over-optimising the reward model.",
+            "",
+            f"![proxy vs gold]({gold_plot.relative_to(out)})",
+            "",
+        ]
+    return lines
+
+
+def _result(figures: dict, rows: list[dict]):
+    from chatrlhf.eval import EvalResult
+
+    known = {f.name for f in fields(EvalResult)}
+    kept = {k: v for k, v in figures.items() if k in known}  # the stage record adds its wall time
+    return EvalResult(**{**kept, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
+
+
 def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
-    from chatrlhf.eval import EvalResult, summary_markdown
+    from chatrlhf.eval import summary_markdown
 
     stages = state["stages"]
     lines = [
@@ -67,6 +150,9 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
         + (f" (judge `{cfg.label.judge}`, noise {cfg.label.noise})" if cfg.labeler == "auto" else "")
         + f"; seed {cfg.seed}.",
         "",
+    ]
+    lines += _opening(out, cfg, figures)
+    lines += [
         "## Stages",
         "",
         "| stage | figures |",
@@ -105,9 +191,6 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
     for it in range(1, cfg.iterations + 1):
         plots.append((f"reward model, iteration {it}", out / f"iter{it}" / "rm" / "reward_curves.png"))
         plots.append((f"PPO, iteration {it}", out / f"iter{it}" / "ppo" / "ppo_curves.png"))
-    gold_plot = proxy_vs_gold_plot(out, cfg.iterations)
-    if gold_plot is not None:
-        plots.append(("proxy (reward model) vs gold (judge) reward over PPO steps", gold_plot))
     for title, path in plots:
         if path.exists():
             lines += [f"### {title}", "", f"![{title}]({path.relative_to(out)})", ""]
@@ -121,10 +204,7 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
     if figures:
         rows_file = out / "eval" / "samples.jsonl"
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-        known = {f.name for f in fields(EvalResult)}
-        kept = {k: v for k, v in figures.items() if k in known}  # the stage record adds its wall time
-        result = EvalResult(**{**kept, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
-        lines.append(summary_markdown(result, eval_cfg.judge, eval_cfg.show))
+        lines.append(summary_markdown(_result(figures, rows), eval_cfg.judge, eval_cfg.show))
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -22,6 +22,8 @@ from chatrlhf.config import help_field
 from chatrlhf.data import Conversation, DataError, load_prompts
 from chatrlhf.errors import UserError
 from chatrlhf.generation import SamplingConfig, generate, response_token_lists
+from chatrlhf.models import resolve_dtype
+from chatrlhf.training import autocast
 
 
 @dataclass
@@ -78,14 +80,15 @@ def draw(
             break
         batch_seed = seed * 1000 + attempt
         generator = torch.Generator(device=device).manual_seed(batch_seed)
-        gen = generate(
-            model,
-            [prompts[i] for i in rows],
-            sampling,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            generator,
-        )
+        with autocast(device, resolve_dtype("auto")):
+            gen = generate(
+                model,
+                [prompts[i] for i in rows],
+                sampling,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                generator,
+            )
         for i, ids in zip(rows, response_token_lists(gen, tokenizer.eos_token_id)):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             if text and text not in drawn[i].answers and len(drawn[i].answers) < k:
