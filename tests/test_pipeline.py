@@ -52,6 +52,14 @@ def test_eval_of_a_model_against_itself_is_all_ties_and_zero_kl(tiny_model, tmp_
     assert len((out / "samples.jsonl").read_text().splitlines()) == 16
 
 
+def test_eval_warns_about_prompts_the_rule_judge_reads_no_constraint_in(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2] + [{"prompt": "Hello there."}])
+    args = ["--policy", tiny_model, "--baseline", tiny_model, "--prompts", prompts, "--max_new_tokens", "4"]
+    result = chatrlhf("eval", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finds no constraint in 1 of 3 prompts" in " ".join(result.stderr.split())
+
+
 def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
     other = make_tiny_model(tmp_path / "other", tokenizer, seed=5)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)

@@ -27,7 +27,7 @@ from chatrlhf.config import help_field
 from chatrlhf.data import Conversation, load_prompts
 from chatrlhf.errors import UserError
 from chatrlhf.generation import SamplingConfig, generate, response_token_lists
-from chatrlhf.judges import RuleJudge, constraints_of, make_judge, satisfies_all
+from chatrlhf.judges import RuleJudge, constraints_of, make_judge, satisfies_all, unconstrained
 from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
 
 
@@ -184,6 +184,13 @@ def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | No
     check_config(cfg)
     conversations = conversations or load_prompts(cfg.prompts)
     judge = judge or make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
+    if isinstance(judge, RuleJudge):
+        empty = unconstrained([c.messages for c in conversations], [c.extra for c in conversations])
+        if empty:
+            Console(stderr=True).print(
+                f"[yellow]eval: the rule judge finds no constraint in {empty} of {len(conversations)} prompts; "
+                "every answer to them scores 0, so those pairs can only tie"
+            )
     answers, kl = _load_answers(cfg, conversations)
     who = list(answers)
     rm = None
