@@ -62,7 +62,8 @@ def _labelled(folder, seed: int) -> list[dict]:
     answers = ["a b c", "a b c d e f g", "a b c d e f g h i j k l", "one two three four five six"]
     store.add_tasks(TaskIn([{"role": "user", "content": p}], answers, {}, labels_per_task=3) for p in prompts)
     done = label(store, RuleJudge(), noise=0.3, labelers=0, seed=seed)
-    assert done == {"auto-rule-1": 2, "auto-rule-2": 2, "auto-rule-3": 2, "auto-rule-4": 0}
+    assert done.submitted == {"auto-rule-1": 2, "auto-rule-2": 2, "auto-rule-3": 2, "auto-rule-4": 0}
+    assert not done.tied and sorted(done.judged) == [1, 2]
     return store
 
 
@@ -87,6 +88,35 @@ def test_simulated_labelers_agreement_is_what_their_rankings_give(tmp_path):
     # the same seed ranks the same way; another seed differently
     assert _labelled(tmp_path / "b", seed=7).rankings(per_labeler=True) == per_labeler
     assert _labelled(tmp_path / "c", seed=8).rankings(per_labeler=True) != per_labeler
+
+
+def test_label_auto_says_what_it_left_unranked_and_why(tmp_path):
+    def tasks(db: str) -> None:
+        answers = {
+            "Describe tea in at most 3 words.": ["Hot leaf water.", "Tea is a drink made from leaves."],
+            "Describe tea in at most 9 words.": ["Tea is hot.", "Tea is a drink."],  # both meet it: a tie
+            "Tell me about tea.": ["Tea is hot.", "Tea is a drink."],  # no constraint: both score 0
+        }
+        Store(db).add_tasks(TaskIn([{"role": "user", "content": p}], a, {}) for p, a in answers.items())
+
+    db = str(tmp_path / "exact.db")
+    tasks(db)
+    result = chatrlhf("label", "auto", "--db", db, "--judge", "rule")
+    out = " ".join(result.stdout.split())  # as printed, less the console's line wrapping
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "auto-rule-1: ranked 1 tasks" in out
+    assert "2 tasks skipped, every answer tied: the rule judge scored all their answers the same" in out
+    assert "--noise 0.1 (say) makes the simulated labelers choose between equal answers" in out
+    assert "the rule judge finds no constraint in 1 of 3 prompts" in out
+    assert Store(db).progress()["complete"] == 1
+
+    db = str(tmp_path / "noisy.db")
+    tasks(db)
+    result = chatrlhf("label", "auto", "--db", db, "--judge", "rule", "--noise", "0.1")
+    out = " ".join(result.stdout.split())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "auto-rule-1: ranked 3 tasks" in out and "skipped" not in out
+    assert Store(db).progress()["complete"] == 3
 
 
 def test_sample_refuses_bad_input_before_writing(tiny_model, tmp_path):
