@@ -7,15 +7,17 @@
 `chatrlhf serve --max_batch B` runs in its own process (the default model, SmolLM2-135M-Instruct, unless
 `--model` names a checkpoint). C asyncio clients share one `openai.AsyncOpenAI` and each loops until
 `--duration` seconds have passed, sending its next request when its last one ends: streaming chat
-completions (temperature 0.7, at most `--max-tokens` tokens, `stream_options={"include_usage": True}`), and
-every `--malformed-every`-th request of a client a malformed one instead, cycling through a bad role, empty
-messages, a negative max_tokens, an unknown model, a seed no generator takes (2**70), and with httpx a body
-that is not JSON and one whose text holds a lone UTF-16 surrogate ("\\ud800").
+completions (temperature 0.7, at most `--max-tokens` tokens, `stream_options={"include_usage": True}`).
+Meanwhile `--malformed-per-s` malformed requests a second go to the same server, cycling through a bad role,
+empty messages, a negative max_tokens, an unknown model, a seed no generator takes (2**70), and with httpx a
+body that is not JSON and one whose text holds a lone UTF-16 surrogate ("\\ud800"). requests/s and tokens/s
+count the well-formed requests over the whole wall time: sending stops at `--duration`, and the requests
+still in flight then are waited for.
 
 A well-formed request fails when it raises, or its stream ends without a finish_reason or a usage chunk; a
 malformed one passes when it gets a 4xx. The server's resident memory (VmRSS) is read every second.
-stdout gets one JSON record and a short table; logs go to stderr. The exit code is 1 when a well-formed
-request failed or a malformed one got anything but a 4xx.
+stdout gets one JSON record and a one-line summary; logs go to stderr. The exit code is 1 when a well-formed
+request failed, a malformed one got anything but a 4xx, or none was sent.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ async def drive(
     clients: int,
     duration: float,
     max_tokens: int = 32,
-    malformed_every: int = 4,
+    malformed_per_s: float = 4.0,
     server_pid: int | None = None,
 ) -> dict:
     """`clients` closed-loop clients against the server at `base` for `duration` seconds; the record."""
@@ -138,27 +140,28 @@ async def drive(
     rss: list[tuple[float, float]] = []
     began = time.perf_counter()
     deadline = began + duration
-    sent_malformed = 0
 
     async def one_client(index: int) -> None:
-        nonlocal sent_malformed
         count = 0
         while time.perf_counter() < deadline:
             count += 1
-            if malformed_every and count % malformed_every == 0:
-                kind = MALFORMED[sent_malformed % len(MALFORMED)]
-                sent_malformed += 1
-                try:
-                    status = str(await malformed(client, http, base, model, kind))
-                except Exception as e:  # a dropped connection is a failure too, not a crash of the bench
-                    status = type(e).__name__
-                statuses[kind][status] = statuses[kind].get(status, 0) + 1
-                continue
             prompt = PROMPTS[(index + count) % len(PROMPTS)]
             try:
                 tokens.append(await well_formed(client, model, prompt, max_tokens))
             except Exception as e:
                 failures.append(f"{type(e).__name__}: {e}")
+
+    async def malformed_sender() -> None:
+        sent = 0
+        while malformed_per_s > 0 and time.perf_counter() < deadline:
+            kind = MALFORMED[sent % len(MALFORMED)]
+            sent += 1
+            try:
+                status = str(await malformed(client, http, base, model, kind))
+            except Exception as e:  # a dropped connection is a failure too, not a crash of the bench
+                status = type(e).__name__
+            statuses[kind][status] = statuses[kind].get(status, 0) + 1
+            await asyncio.sleep(1.0 / malformed_per_s)
 
     async def sample_rss() -> None:
         while server_pid is not None:
@@ -168,7 +171,7 @@ async def drive(
             await asyncio.sleep(1.0)
 
     sampler = asyncio.create_task(sample_rss())
-    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    await asyncio.gather(malformed_sender(), *(one_client(i) for i in range(clients)))
     wall = time.perf_counter() - began
     sampler.cancel()
     end_rss = rss_mib(server_pid) if server_pid is not None else None
@@ -186,6 +189,7 @@ async def drive(
         "duration_s": duration,
         "wall_s": round(wall, 2),
         "max_tokens": max_tokens,
+        "malformed_per_s": malformed_per_s,
         "well_formed": len(tokens) + len(failures),
         "well_formed_failed": len(failures),
         "failures": failures[:10],
@@ -246,7 +250,7 @@ def run(args) -> dict:
                     args.clients,
                     args.duration,
                     args.max_tokens,
-                    args.malformed_every,
+                    args.malformed_per_s,
                     proc.pid,
                 )
             )
@@ -284,9 +288,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds during which requests are sent")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument(
-        "--malformed-every", type=int, default=4, help="every Nth request of a client is malformed"
-    )
+    ap.add_argument("--malformed-per-s", type=float, default=4.0, help="malformed requests sent a second")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max_batch")
     ap.add_argument("--model", default="", help="checkpoint to serve (empty: the default model)")
     ap.add_argument("--served-name", default="smollm2")
@@ -303,6 +305,7 @@ def main() -> None:
     )
     ok = (
         record["well_formed_failed"] == 0
+        and record["malformed"] > 0
         and record["malformed_not_4xx"] == 0
         and record["server_alive_after"]
     )

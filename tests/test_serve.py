@@ -228,12 +228,12 @@ def test_64_concurrent_streams_complete_unmixed(server, client):
 
 
 def test_load_with_malformed_requests_mixed_in(server):
-    """bench/serve_load.py's load at test size: 8 streaming clients for 3 s, every other request malformed."""
+    """bench/serve_load.py's load at test size: 8 streaming clients for 3 s, 10 malformed requests a second."""
     folder = Path(__file__).resolve().parents[1] / "bench"
     spec = importlib.util.spec_from_file_location("serve_load", folder / "serve_load.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    record = asyncio.run(bench.drive(server, NAME, clients=8, duration=3.0, max_tokens=6, malformed_every=2))
+    record = asyncio.run(bench.drive(server, NAME, clients=8, duration=3.0, max_tokens=6, malformed_per_s=10))
     assert record["well_formed"] >= 8 and record["well_formed_failed"] == 0, record["failures"]
     statuses = record["malformed_statuses"]
     assert all(statuses[kind] for kind in bench.MALFORMED), statuses  # every kind was sent
