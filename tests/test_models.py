@@ -14,6 +14,7 @@ from chatrlhf import models
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATRLHF_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "_announced", set())  # said once per process: earlier tests may have said it
     return tmp_path / "dtype_probe.json"
 
 

@@ -172,8 +172,9 @@ class DemoConfig:
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
 
 
-def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
-    """The demo's settings for the whole pipeline, sized for a 2-core CPU."""
+def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineConfig:
+    """The demo's settings for the whole pipeline, sized for a 2-core CPU; `depth` is the model's number of
+    transformer layers (PPO's adapters go in the last 8 of them, or all of a smaller model's)."""
     tokens = cfg.max_new_tokens
     return PipelineConfig(
         output_dir=cfg.output_dir,
@@ -201,7 +202,7 @@ def pipeline_config(cfg: DemoConfig, data: Path) -> PipelineConfig:
             lr=4e-4,
             lr_scheduler="constant",  # InstructGPT: constant after warm-up
             warmup_ratio=0.1,
-            lora=LoraConfig(rank=16, layers=8),
+            lora=LoraConfig(rank=16, layers=min(8, depth)),
             max_new_tokens=tokens,
             kl_coef=0.05,
             ppo_epochs=2,
@@ -236,4 +237,7 @@ def run(cfg: DemoConfig) -> dict:
         console.print(
             f"{picked}/{len(rows)} demonstrations picked from samples, {len(rows) - picked} written"
         )
-    return run_pipeline(pipeline_config(cfg, data))
+    from transformers import AutoConfig
+
+    depth = AutoConfig.from_pretrained(resolve_model(cfg.model)).num_hidden_layers
+    return run_pipeline(pipeline_config(cfg, data, depth))
