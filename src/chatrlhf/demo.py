@@ -192,8 +192,8 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
         sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
         reward=RewardConfig(epochs=cfg.rm_epochs, batch_size=8, lr=5e-5, eval_fraction=0.15, save_every=0),
         # 4 answers per prompt with the leave-one-out baseline: the prompt's difficulty (which constraint
-        # pair it asks for) drops out of the advantage, which a critic from the RM cannot learn in 15 steps;
-        # LoRA in the last 8 layers stops backward there; measured settings in the README's demo section
+        # pair it asks for) drops out of the advantage without a critic to warm up; LoRA in the last 8
+        # layers stops backward there; the settings measured are in the README's demo section
         ppo=PPOConfig(
             max_steps=cfg.ppo_steps,
             batch_size=8,
