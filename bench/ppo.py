@@ -263,8 +263,7 @@ def parent_main(args) -> None:
 
 def ppo_config(anchor, prompts: Path, output_dir: Path, dtype: str):
     """The anchor's PPO settings (WORKLOAD.md 4.3) in chatrlhf's terms."""
-    from chatrlhf.config import DataConfig
-    from chatrlhf.ppo import PPOConfig
+    from chatrlhf.configs import DataConfig, PPOConfig
 
     w = anchor.PPO
     model = str(MODEL_DIR)

@@ -458,10 +458,11 @@ def child_main(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from chatrlhf.config import DataConfig
+    from chatrlhf.chat import sequence_ids
+    from chatrlhf.configs import DataConfig, RewardConfig
     from chatrlhf.models import load_tokenizer
     from chatrlhf.preferences import load_rankings
-    from chatrlhf.reward import RewardConfig, score_rankings, sequence_ids, train
+    from chatrlhf.reward import score_rankings, train
 
     anchor = common.load_anchor(common.shared_bench_dir())
     w, seed = anchor.RM, args.seed if args.seed is not None else anchor.SEED

@@ -165,7 +165,7 @@ def count_tokens(rows: list[dict], batch_size: int) -> dict:
 def sft_config(anchor, data: Path, output_dir: Path, dtype: str, micro_batch: int):
     """The anchor's settings. The 8 rows of an optimizer step go through `micro_batch` rows per forward
     pass (grad_accum = 8 / micro_batch): the same gradient, less padding."""
-    from chatrlhf.config import DataConfig, SFTConfig
+    from chatrlhf.configs import DataConfig, SFTConfig
 
     w = anchor.SFT
     if w["batch_size"] % micro_batch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,23 @@ def db_snapshot(store) -> dict[str, list[tuple]]:
             table.name: sorted(tuple(row) for row in session.execute(select(table)).all())
             for table in Base.metadata.sorted_tables
         }
+
+
+# --------------------------------------------------------------------------------------------------
+# preference data
+
+GOOD = ["great", "excellent", "wonderful", "superb", "lovely"]
+BAD = ["awful", "terrible", "dreadful", "horrid", "lousy"]
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """A learnable preference: the more positive words an answer has, the better it ranks."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.choice([2, 3, 4])
+        counts = rng.sample(range(4), k)
+        responses = [" ".join(rng.sample(GOOD, c) + rng.sample(BAD, 3 - min(c, 3))) for c in counts]
+        ranks = [sorted(counts, reverse=True).index(c) + 1 for c in counts]
+        rows.append({"prompt": f"Review number {i} of the film?", "responses": responses, "ranks": ranks})
+    return rows

@@ -99,7 +99,7 @@ def test_default_model_on_openassistant_trees(tmp_path):
     trees = SHARED_DATA / "openassistant-oasst-en100" / "en_100_tree.jsonl"
     if not trees.is_file():
         pytest.skip(f"shared data not found at {trees} (set CHATRLHF_SHARED_DATA)")
-    from chatrlhf.config import DataConfig, SFTConfig
+    from chatrlhf.configs import DataConfig, SFTConfig
     from chatrlhf.data import load_demonstrations
     from chatrlhf.sft import train
 

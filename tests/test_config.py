@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chatrlhf.config import ConfigError, SFTConfig, load_config
-from chatrlhf.reward import ScoreConfig
+from chatrlhf.config import ConfigError, load_config
+from chatrlhf.configs import ScoreConfig, SFTConfig
 
 
 def test_yaml_then_overrides(tmp_path):

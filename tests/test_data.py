@@ -10,8 +10,9 @@ import pytest
 from conftest import demo_rows, write_jsonl
 
 from chatrlhf.cli import main
-from chatrlhf.data import DataError, load_demonstrations, pack, tokenize_conversations
+from chatrlhf.data import load_demonstrations, pack, tokenize_conversations
 from chatrlhf.oasst import tree_demonstrations
+from chatrlhf.records import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -181,7 +182,7 @@ def test_oasst_best_ranked_path_without_synthetic(tmp_path):
 
 
 def test_packing_keeps_samples_apart(tokenizer):
-    from chatrlhf.data import Conversation
+    from chatrlhf.records import Conversation
 
     convs = [Conversation(f"x:{i}", r["messages"]) for i, r in enumerate(demo_rows(6))]
     samples = tokenize_conversations(convs, tokenizer, 256, False)

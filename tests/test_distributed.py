@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import demo_rows, write_jsonl
+from conftest import demo_rows, preference_rows, write_jsonl
 from safetensors.torch import load_file
-from test_reward import preference_rows
 
 
 def free_port() -> int:

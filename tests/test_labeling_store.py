@@ -19,8 +19,9 @@ from conftest import db_snapshot
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from chatrlhf.configs import LabelerAddConfig, LabelExportConfig
 from chatrlhf.errors import UserError
-from chatrlhf.labeling.commands import LabelerAddConfig, LabelExportConfig, add_labeler, export
+from chatrlhf.labeling.commands import add_labeler, export
 from chatrlhf.labeling.store import (
     AnswerLabel,
     AssignmentRow,

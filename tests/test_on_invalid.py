@@ -8,9 +8,10 @@ import json
 import pytest
 from conftest import chatrlhf, write_jsonl
 
-from chatrlhf.data import DataError, InvalidRecords, load_demonstrations, load_prompts, load_texts
+from chatrlhf.data import load_demonstrations, load_prompts, load_texts
 from chatrlhf.errors import UserError
 from chatrlhf.preferences import load_rankings
+from chatrlhf.records import DataError, InvalidRecords
 
 
 def hh(*turns: str) -> str:

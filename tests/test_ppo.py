@@ -9,12 +9,12 @@ import torch
 from conftest import chatrlhf, make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from chatrlhf.config import DataConfig
-from chatrlhf.experience import gather_logprobs, make_experience, response_logits, rollout, score
+from chatrlhf.configs import DataConfig, PPOConfig
+from chatrlhf.experience import make_experience, rollout, score_rollouts
+from chatrlhf.forward import gather_logprobs, response_logits
 from chatrlhf.generation import SamplingConfig, generate
-from chatrlhf.models import load_causal_lm
-from chatrlhf.ppo import PPOConfig, minibatch_loss, train
-from chatrlhf.reward import load_reward_model
+from chatrlhf.models import load_causal_lm, load_reward_model
+from chatrlhf.ppo import minibatch_loss, train
 from chatrlhf.runs import read_metrics
 
 PROMPTS = [
@@ -117,23 +117,36 @@ def test_reward_rises_and_the_right_parameters_change(tiny_model, tokenizer, pro
     assert (tmp_path / "ppo" / "ppo_curves.png").is_file() and (tmp_path / "ppo" / "samples.jsonl").is_file()
 
 
-def test_reference_stays_frozen(tiny_model, tokenizer, prompts_file, tmp_path):
-    from chatrlhf.ppo import _load_models
+def test_reference_stays_bit_identical_through_an_update_that_changes_the_policy(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    from accelerate import Accelerator
 
-    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x")
-    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
-    assert not any(p.requires_grad for p in models.reference.parameters())
-    assert models.reference is not models.policy
+    from chatrlhf.ppo import _PPOLoss, ppo_update, train_state
+
+    cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in models.reference.named_parameters()}
+    policy_before = {n: p.detach().clone() for n, p in models.policy.named_parameters()}
+    state = train_state(cfg, models, 1, None)
+    accelerator = Accelerator(cpu=True)
+    wrapped, optimizer = accelerator.prepare(_PPOLoss(models, cfg, tokenizer.pad_token_id), state.optimizer)
+    stats = ppo_update(
+        accelerator, wrapped, exp, cfg, optimizer, torch.Generator().manual_seed(0), None, None
+    )
+    assert stats["ppo/grad_norm"] > 0
+    changed = [n for n, p in models.policy.named_parameters() if not torch.equal(p, policy_before[n])]
+    assert changed, "the update left the policy as it was"
+    assert all(torch.equal(p, before[n]) for n, p in models.reference.named_parameters())
 
 
 def _experience(tiny_model, tokenizer, prompts_file, tmp_path, **kw):
-    from chatrlhf.ppo import _load_models
+    from chatrlhf.ppo import load_models
 
     cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", **kw)
-    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    models = load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS]
     gen = rollout(models, prompts, cfg, tokenizer, torch.Generator().manual_seed(0))
-    scored = score(
+    scored = score_rollouts(
         models,
         gen,
         cfg,
@@ -162,8 +175,8 @@ def test_ptx_gradient_adds_coef_times_the_lm_gradient(tiny_model, tokenizer, pro
     zero_coef = grads(0.0, rows)
     with_ptx = grads(2.0, rows)
     assert torch.allclose(no_ptx, zero_coef, atol=1e-7)  # gamma = 0 is no ptx
+    from chatrlhf.forward import collate, target_logits
     from chatrlhf.losses import token_nll
-    from chatrlhf.sft import collate, target_logits
 
     models.policy.zero_grad()
     token_nll(*target_logits(models.policy, collate(rows, tokenizer.pad_token_id, "cpu"))).mean().backward()
@@ -274,8 +287,8 @@ def test_ppo_input_errors(tmp_path, tiny_model, tokenizer):
 def test_lora_ppo_trains_adapters_and_uses_the_disabled_adapter_as_reference(
     tiny_model, tokenizer, prompts_file, tmp_path
 ):
-    from chatrlhf.config import LoraConfig
-    from chatrlhf.ppo import _load_models
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.ppo import load_models
 
     cfg = ppo_config(
         tiny_model,
@@ -284,7 +297,7 @@ def test_lora_ppo_trains_adapters_and_uses_the_disabled_adapter_as_reference(
         max_steps=2,
         lora=LoraConfig(rank=4, targets=["q_proj", "v_proj"]),
     )
-    models = _load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    models = load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
     assert models.reference is None
     trainable = [n for n, p in models.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

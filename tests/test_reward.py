@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 
 import pytest
 import torch
-from conftest import SHARED_DATA, chatrlhf, write_jsonl
+from conftest import SHARED_DATA, chatrlhf, preference_rows, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from chatrlhf.config import DataConfig
-from chatrlhf.data import DataError
+from chatrlhf.chat import sequence_ids
+from chatrlhf.configs import DataConfig, RewardConfig
+from chatrlhf.forward import reward_scores
 from chatrlhf.losses import ranking_loss, ranking_pairs
+from chatrlhf.models import load_reward_model
 from chatrlhf.preferences import Ranking, check_ranking, load_rankings
-from chatrlhf.reward import (
-    RankedItem,
-    RewardConfig,
-    _reward_stage,
-    load_reward_model,
-    reward_scores,
-    sequence_ids,
-    split_by_prompt,
-    train,
-)
+from chatrlhf.records import DataError
+from chatrlhf.reward import RankedItem, _reward_stage, split_by_prompt, train
 
 
 def test_pairs_from_ranks_with_ties():
@@ -87,23 +80,6 @@ def test_score_unchanged_by_padding_on_either_side(tiny_model, tokenizer):
         ).logits[0, 0]
     assert right.item() == pytest.approx(alone.item(), abs=1e-5)
     assert left.item() == pytest.approx(alone.item(), abs=1e-5)
-
-
-GOOD = ["great", "excellent", "wonderful", "superb", "lovely"]
-BAD = ["awful", "terrible", "dreadful", "horrid", "lousy"]
-
-
-def preference_rows(n: int, seed: int) -> list[dict]:
-    """A learnable preference: the more positive words an answer has, the better it ranks."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        k = rng.choice([2, 3, 4])
-        counts = rng.sample(range(4), k)
-        responses = [" ".join(rng.sample(GOOD, c) + rng.sample(BAD, 3 - min(c, 3))) for c in counts]
-        ranks = [sorted(counts, reverse=True).index(c) + 1 for c in counts]
-        rows.append({"prompt": f"Review number {i} of the film?", "responses": responses, "ranks": ranks})
-    return rows
 
 
 def test_learns_a_synthetic_preference(tiny_model, tmp_path):
@@ -285,7 +261,7 @@ def test_packed_rows_attend_per_answer_segment_under_sdpa(tiny_model, tokenizer)
     """Under SDPA each layer takes the packed row's segments, so no answer-to-answer block is computed."""
     from transformers import AttentionInterface
 
-    from chatrlhf.reward import SEGMENT_ATTENTION, segment_attention, shared_prompt_scores
+    from chatrlhf.forward import SEGMENT_ATTENTION, segment_attention, shared_prompt_scores
 
     seen = []
 
@@ -310,7 +286,7 @@ def test_packed_rows_attend_per_answer_segment_under_sdpa(tiny_model, tokenizer)
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer, attention):
     """Packing the prompt once with its K answers gives the same rewards and gradients as K full sequences."""
-    from chatrlhf.reward import shared_prompt_scores
+    from chatrlhf.forward import shared_prompt_scores
 
     prompt = [{"role": "user", "content": "Which is best?"}]
     seqs = [sequence_ids(tokenizer, prompt, a) for a in ("One.", "Two is a longer answer.", "Three, three.")]

@@ -276,8 +276,9 @@ def test_a_failed_generation_is_an_error_the_client_sees(tiny_model, caplog):
 
     import uvicorn
 
+    from chatrlhf.configs import ServeConfig
     from chatrlhf.models import load_causal_lm
-    from chatrlhf.serve.app import ServeConfig, create_app
+    from chatrlhf.serve.app import create_app
 
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, tokenizer)
@@ -355,7 +356,8 @@ def test_chat_page_in_a_browser(server, client):
 
 
 def test_terminal_chat(tiny_model, tmp_path):
-    from chatrlhf.terminal import ChatConfig, run
+    from chatrlhf.configs import ChatConfig
+    from chatrlhf.terminal import run
 
     out = io.StringIO()
     saved = tmp_path / "chat.jsonl"

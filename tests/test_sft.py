@@ -12,10 +12,12 @@ import torch
 from conftest import demo_rows
 from transformers import AutoModelForCausalLM
 
-from chatrlhf.config import DataConfig, SFTConfig
-from chatrlhf.data import Conversation, pack, tokenize_conversations
+from chatrlhf.configs import DataConfig, SFTConfig
+from chatrlhf.data import pack, tokenize_conversations
+from chatrlhf.forward import collate, target_logits
+from chatrlhf.records import Conversation
 from chatrlhf.runs import read_metrics
-from chatrlhf.sft import collate, target_logits, train
+from chatrlhf.sft import train
 
 
 def config(tiny_model, demos_file, out, **kw) -> SFTConfig:
@@ -115,9 +117,19 @@ def test_packing_leaves_each_sample_loss_unchanged(tiny_model, tokenizer):
     assert torch.allclose(separate, padded, atol=1e-5)
 
 
-def test_packed_training_runs(tiny_model, demos_file, tmp_path):
-    summary = train(config(tiny_model, demos_file, tmp_path / "run", max_steps=2, packing=True, batch_size=1))
-    assert torch.isfinite(torch.tensor(summary["train/loss"]))
+def test_packed_training_puts_several_demonstrations_in_a_row_and_learns(
+    tiny_model, tokenizer, demos_file, tmp_path
+):
+    from chatrlhf.data import load_demonstrations
+
+    samples = tokenize_conversations(load_demonstrations(demos_file), tokenizer, 1024, False)
+    single = max(sum(s.loss_mask[1:]) for s in samples)
+    train(config(tiny_model, demos_file, tmp_path / "run", max_steps=8, packing=True, batch_size=1))
+    rows = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    # one row a step: its loss tokens are those of several demonstrations
+    assert all(r["train/tokens"] > single for r in rows)
+    losses = [r["train/loss"] for r in rows]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
 class Killed(Exception):
@@ -148,7 +160,7 @@ def test_resume_continues_the_same_curve(tiny_model, demos_file, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tmp_path):
-    from chatrlhf.config import LoraConfig
+    from chatrlhf.configs import LoraConfig
 
     cfg = config(
         tiny_model,
@@ -166,7 +178,7 @@ def test_lora_trains_only_adapters_and_exports_merged(tiny_model, demos_file, tm
 def test_lora_layers_puts_adapters_in_the_last_layers_only_and_backward_stops_below(tokenizer, tmp_path):
     from conftest import make_tiny_model
 
-    from chatrlhf.config import LoraConfig
+    from chatrlhf.configs import LoraConfig
     from chatrlhf.errors import UserError
     from chatrlhf.models import apply_lora, load_causal_lm
 
@@ -207,8 +219,7 @@ def _file_mappings() -> list[tuple[int, int, str]]:
 def test_loaded_weights_live_in_process_memory_not_in_the_mapped_checkpoint(tiny_model, tokenizer):
     """Training writes every weight; weights that still map the safetensors file would take a copy-on-write
     fault per page on the first optimizer step. Tied weights stay tied."""
-    from chatrlhf.models import load_causal_lm
-    from chatrlhf.reward import load_reward_model
+    from chatrlhf.models import load_causal_lm, load_reward_model
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)
     checkpoint = str(Path(tiny_model, "model.safetensors").resolve())
@@ -226,7 +237,7 @@ def test_loaded_weights_live_in_process_memory_not_in_the_mapped_checkpoint(tiny
 
 REFAULT_SCRIPT = """
 import resource, torch
-from chatrlhf.training import reuse_freed_memory
+from chatrlhf.harness import reuse_freed_memory
 
 def faults_of_the_last_of_four_steps():
     for _ in range(4):
@@ -252,3 +263,17 @@ def test_training_reuses_freed_memory_instead_of_faulting_fresh_pages():
     pages = 264_000_000 // 4096
     assert int(default) > pages // 2, "glibc's default already reuses the blocks: this test checks nothing"
     assert int(after) < pages // 20
+
+
+def test_a_diverging_run_stops_at_the_step_naming_it_and_keeps_no_model(tiny_model, demos_file, tmp_path):
+    from conftest import chatrlhf
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_model, "--data.train", demos_file, "--output_dir", str(out), "--dtype", "fp32"]
+    result = chatrlhf(
+        "sft", *args, "--max_steps", "6", "--lr", "1e30", "--warmup_ratio", "0", "--save_every", "0"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "the loss became NaN or infinite at step" in result.stderr and "try a lower lr" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()

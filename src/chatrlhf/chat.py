@@ -96,3 +96,12 @@ def _end_of_turn(tokenizer, text: str, start: int, end: int) -> int:
         if at >= 0:
             return at + len(eos)
     return start + len(text[start:end].rstrip())
+
+
+def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
+    """Prompt + answer rendered by the shared renderer, cut after the answer's end-of-turn token."""
+    rendered = render(
+        tokenizer, prompt + [{"role": "assistant", "content": response}], system_prompt=system_prompt
+    )
+    last = max(i for i, m in enumerate(rendered.assistant_mask) if m)
+    return rendered.input_ids[: last + 1]

@@ -16,21 +16,24 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from chatrlhf import configs
 from chatrlhf.config import field_help, load_config
 from chatrlhf.errors import UserError
 
 
 @dataclass
 class Command:
-    module: str  # imported only when the command runs or shows its help, so `chatrlhf --help` loads no torch
-    config: str  # the module's config dataclass
+    module: str  # imported only when the command runs, so `chatrlhf --help` loads no torch
+    config: str  # its config dataclass in `chatrlhf.configs`
     entry: str  # the module's function that takes that config
     help: str
     positional: str = ""  # config key a leading bare argument fills: `chatrlhf chat runs/x/ppo`
 
+    def config_class(self) -> type:
+        return getattr(configs, self.config)
+
     def load(self):
-        module = importlib.import_module(self.module)
-        return getattr(module, self.config), getattr(module, self.entry)
+        return self.config_class(), getattr(importlib.import_module(self.module), self.entry)
 
 
 COMMANDS = {
@@ -134,8 +137,8 @@ def named_command(argv: list[str]) -> str | None:
 
 
 def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
-    """One argparse sub-parser per command word; `label serve` is `label` then `serve`. Only the `detailed`
-    command's module is imported, for the config keys its help lists."""
+    """One argparse sub-parser per command word; `label serve` is `label` then `serve`. The `detailed`
+    command's help lists its config keys."""
     parser = argparse.ArgumentParser(prog="chatrlhf", description="Train a chat model the InstructGPT way.")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {
         (): parser.add_subparsers(dest="command0", metavar="COMMAND", required=True)
@@ -154,7 +157,7 @@ def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
             words[-1],
             help=command.help,
             description=command.help,
-            epilog=_epilog(command.load()[0]) if name == detailed else None,
+            epilog=_epilog(command.config_class()) if name == detailed else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", help="YAML config file")

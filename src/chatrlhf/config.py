@@ -12,7 +12,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -36,96 +36,6 @@ def _copy(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return dataclasses.replace(value)
     return type(value)(value)
-
-
-@dataclass
-class DataConfig:
-    train: str = help_field("", "training data: a .jsonl/.json/.parquet/.txt file or a `datasets` hub name")
-    eval: str = help_field("", "held-out data in the same format (optional)")
-    format: str = help_field(
-        "auto", "record format: auto | messages | prompt_completion | oasst | text (auto looks at the fields)"
-    )
-    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
-    truncation: bool = help_field(
-        False, "cut samples longer than max_length instead of stopping with an error"
-    )
-    packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
-    on_invalid: str = help_field(
-        "stop",
-        "a record that fails validation: stop (naming file, line and field) | skip (leave it out, count it, "
-        "record why in run.json)",
-    )
-    shuffle: bool = help_field(True, "shuffle the training samples every epoch (seeded)")
-    system_prompt: str = help_field(
-        "", "system turn added to conversations that have none (empty: the chat template's own default)"
-    )
-
-
-@dataclass
-class LoraConfig:
-    rank: int = help_field(0, "LoRA rank; 0 means LoRA is off and all weights train")
-    alpha: float = help_field(16.0, "LoRA scaling alpha")
-    dropout: float = help_field(0.0, "dropout on the LoRA input")
-    targets: list[str] = help_field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "names of the linear modules that get adapters",
-    )
-    layers: int = help_field(
-        0, "adapters only in the last N transformer layers, so backward stops below them; 0 means every layer"
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-
-@dataclass
-class TrainConfig:
-    """Keys every training stage shares."""
-
-    model: str = help_field(
-        "", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct"
-    )
-    data: DataConfig = help_field(DataConfig(), "data files")
-    output_dir: str = help_field("runs/sft", "where the checkpoint, metrics and plots go")
-    max_steps: int = help_field(0, "optimizer steps; 0 means run `epochs` over the data")
-    epochs: float = help_field(1.0, "passes over the training data when max_steps is 0")
-    batch_size: int = help_field(8, "samples per forward pass (per process)")
-    grad_accum: int = help_field(1, "forward passes accumulated into one optimizer step")
-    lr: float = help_field(2e-5, "peak learning rate")
-    weight_decay: float = help_field(0.0, "AdamW weight decay")
-    warmup_ratio: float = help_field(0.03, "fraction of the steps with linear warmup before the cosine decay")
-    lr_scheduler: str = help_field("cosine", "learning-rate decay after warmup: cosine | linear | constant")
-    min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr (cosine)")
-    max_grad_norm: float = help_field(1.0, "gradient clipping norm; 0 turns clipping off")
-    seed: int = help_field(1234, "random seed of data order and initialisation")
-    dtype: str = help_field(
-        "auto", "fp32 | bf16 | auto (bf16 where the hardware multiplies it fast: CUDA, CPUs with AMX)"
-    )
-    lora: LoraConfig = help_field(LoraConfig(), "LoRA adapters (peft); rank 0 is off")
-    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
-    resume: bool = help_field(False, "continue from the last complete checkpoint in output_dir")
-    save_every: int = help_field(100, "steps between resumable checkpoints; 0 saves only at the end")
-    keep_checkpoints: int = help_field(2, "resumable checkpoints kept on disk")
-    eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
-    log_every: int = help_field(1, "steps between metric lines")
-    report_to: list[str] = help_field(
-        [], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)"
-    )
-    overwrite: bool = help_field(False, "replace a finished run in output_dir instead of stopping")
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on demonstrations: loss on assistant tokens only."""
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """Causal-LM training on raw text (stage 0), packed into rows of data.max_length."""
-
-    output_dir: str = help_field("runs/pretrain", "where the checkpoint, metrics and plots go")
-    lr: float = help_field(5e-5, "peak learning rate")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,19 +12,22 @@ the judge.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from chatrlhf.config import LoraConfig, SFTConfig, help_field
-from chatrlhf.eval import EvalConfig
-from chatrlhf.labeling.auto import LabelAutoConfig
-from chatrlhf.pipeline import PipelineConfig
-from chatrlhf.ppo import PPOConfig
-from chatrlhf.reward import RewardConfig
+from chatrlhf.configs import (
+    DemoConfig,
+    EvalConfig,
+    LabelAutoConfig,
+    LoraConfig,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+    SampleConfig,
+    SFTConfig,
+)
 from chatrlhf.runs import atomic_write_jsonl
-from chatrlhf.sample import SampleConfig
 
 TOPICS = {
     "the moon": ["orbits the earth", "has no air", "shows phases", "pulls the tides"],
@@ -124,10 +127,10 @@ def best_of_n_demonstrations(
 ) -> list[dict]:
     """The rule judge's best of n sampled answers per prompt, where it meets every constraint; a written
     answer elsewhere. Each record says which (`source`)."""
-    from chatrlhf.data import Conversation
     from chatrlhf.generation import SamplingConfig
     from chatrlhf.judges import RuleJudge, satisfies_all
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
+    from chatrlhf.records import Conversation
     from chatrlhf.sample import draw
 
     tokenizer = load_tokenizer(model_path)
@@ -153,23 +156,6 @@ def best_of_n_demonstrations(
                     {"prompt": row["prompt"], "completion": written_answer(row, rng), "source": "written"}
                 )
     return out
-
-
-@dataclass
-class DemoConfig:
-    output_dir: str = help_field("runs/demo", "where the demo's stages and report go")
-    model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
-    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
-    best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
-    sft_steps: int = help_field(24, "SFT optimizer steps (two passes over the demonstrations)")
-    k: int = help_field(6, "answers per prompt to rank")
-    noise: float = help_field(0.05, "the simulated labeler's noise")
-    tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
-    rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
-    ppo_steps: int = help_field(15, "PPO steps per iteration, each 8 prompts x 4 answers")
-    max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
-    seed: int = help_field(1234, "random seed")
-    resume: bool = help_field(False, "continue an interrupted demo in output_dir")
 
 
 def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,35 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from chatrlhf.chat import prompt_ids
-from chatrlhf.config import help_field
-from chatrlhf.data import Conversation, load_prompts
+from chatrlhf.configs import EvalConfig
+from chatrlhf.data import load_prompts
 from chatrlhf.errors import UserError
-from chatrlhf.generation import SamplingConfig, generate, response_token_lists
+from chatrlhf.forward import gather_logprobs, response_logits
+from chatrlhf.generation import SamplingConfig, generate
 from chatrlhf.judges import RuleJudge, constraints_of, make_judge, satisfies_all, unconstrained
+from chatrlhf.records import Conversation
 from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
-
-
-@dataclass
-class EvalConfig:
-    policy: str = help_field("", "the model being evaluated (a checkpoint folder or hub id)")
-    baseline: str = help_field("", "the model it is compared with, e.g. the SFT checkpoint")
-    base: str = help_field(
-        "", "the starting model before SFT, whose answers are scored too (optional; 'default' for SmolLM2)"
-    )
-    prompts: str = help_field("", "held-out prompts file (extra fields such as `reference` reach the judge)")
-    judge: str = help_field("rule", "rule | reference | rm | llm")
-    judge_model: str = help_field("", "rm: the gold reward model; llm: the model name at the endpoint")
-    llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
-    reward_model: str = help_field("", "a reward model whose mean scores are reported too (optional)")
-    samples: int = help_field(1, "answers per prompt from each model")
-    max_new_tokens: int = help_field(128, "longest answer in tokens")
-    temperature: float = help_field(0.0, "0 is greedy; above 0 samples")
-    top_p: float = help_field(1.0, "nucleus sampling threshold when sampling")
-    batch_size: int = help_field(16, "prompts per generation batch")
-    seed: int = help_field(0, "random seed (sampling and the bootstrap)")
-    output: str = help_field("", "folder for eval.json, eval.md and samples.jsonl; empty only prints")
-    show: int = help_field(8, "side-by-side rows in the printed table")
 
 
 @dataclass
@@ -107,16 +86,14 @@ def _answers(model, tokenizer, conversations, cfg: EvalConfig, seed: int) -> lis
         rows = [prompt_ids(tokenizer, c.messages) for c in chunk for _ in range(cfg.samples)]
         generator = torch.Generator(device=device).manual_seed(seed * 7919 + start)
         gen = generate(model, rows, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-        for ids in response_token_lists(gen, tokenizer.eos_token_id):
-            out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids)))
+        for text, ids in zip(gen.texts(tokenizer), gen.token_lists(tokenizer.eos_token_id)):
+            out.append((text.strip(), len(ids)))
     return out
 
 
 @torch.no_grad()
 def sequence_kl(policy, baseline, tokenizer, conversations, cfg: EvalConfig) -> float:
     """Mean over policy samples (temperature 1) of sum_t log pi(y_t) - log pi_base(y_t)."""
-    from chatrlhf.experience import gather_logprobs, response_logits
-
     device = next(policy.parameters()).device
     sampling = SamplingConfig(cfg.max_new_tokens, 1.0)
     total, count = 0.0, 0
@@ -125,9 +102,7 @@ def sequence_kl(policy, baseline, tokenizer, conversations, cfg: EvalConfig) -> 
         rows = [prompt_ids(tokenizer, c.messages) for c in chunk]
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 104729 + start)
         gen = generate(policy, rows, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-        sequences = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)
-        mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)
-        logits = response_logits(baseline, sequences, mask, gen.prompt_ids.shape[1], 1.0)
+        logits = response_logits(baseline, gen.sequences, gen.attention_mask, gen.prompt_width, 1.0)
         base_logprobs = gather_logprobs(logits, gen.response_ids) * gen.response_mask
         total += float((gen.logprobs - base_logprobs).sum())
         count += len(chunk)
@@ -136,8 +111,8 @@ def sequence_kl(policy, baseline, tokenizer, conversations, cfg: EvalConfig) -> 
 
 def _load_answers(cfg: EvalConfig, conversations) -> tuple[dict[str, list[tuple[str, int]]], float]:
     """Each model's answers ("policy", "baseline", and "base" when asked) and KL(policy || baseline)."""
+    from chatrlhf.harness import autocast
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_dtype, resolve_model
-    from chatrlhf.training import autocast
 
     device = pick_device()
     dtype = resolve_dtype("auto")
@@ -183,7 +158,7 @@ def _by_constraints(rows: list[dict], who: list[str], seed: int) -> dict[str, di
 def evaluate(cfg: EvalConfig, judge=None, conversations: list[Conversation] | None = None) -> EvalResult:
     check_config(cfg)
     conversations = conversations or load_prompts(cfg.prompts)
-    judge = judge or make_judge(cfg.judge, cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
+    judge = judge or make_judge(cfg.judge or "rule", cfg.judge_model, cfg.llm_base_url, cfg.llm_api_key)
     if isinstance(judge, RuleJudge):
         empty = unconstrained([c.messages for c in conversations], [c.extra for c in conversations])
         if empty:
@@ -338,7 +313,25 @@ def write_result(result: EvalResult, cfg: EvalConfig, folder: Path) -> None:
     atomic_write_jsonl(folder / "samples.jsonl", result.rows)
 
 
+def read_result(folder: Path) -> EvalResult:
+    """The result `write_result` wrote into `folder`, rows included."""
+    figures = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+    known = {f.name for f in fields(EvalResult)}
+    kept = {k: v for k, v in figures.items() if k in known}
+    rows_file = folder / "samples.jsonl"
+    rows = (
+        [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines()]
+        if rows_file.exists()
+        else []
+    )
+    result = EvalResult(**{**kept, "rows": rows})
+    result.win_rate_ci, result.success_diff_ci = tuple(result.win_rate_ci), tuple(result.success_diff_ci)
+    result.success_ci = {name: tuple(ci) for name, ci in result.success_ci.items()}
+    return result
+
+
 def run(cfg: EvalConfig) -> EvalResult:
+    cfg = replace(cfg, judge=cfg.judge or "rule")
     console = Console()
     result = evaluate(cfg)
     print_result(result, cfg, console)

@@ -1,7 +1,8 @@
 """PPO's experience collection: roll out the policy, score the answers, and turn them into an `Experience`.
 
-    rollout (the shared generation engine) -> score (reward model, reference log-probs, values)
-    -> make_experience (KL-shaped per-token rewards, GAE, whitening: pure math from `losses.py`)
+    rollout (the shared generation engine) -> score_rollouts (reward model, reference log-probs, values:
+    a `ScoredRollouts`) -> make_experience (KL-shaped per-token rewards, GAE, whitening: pure math from
+    `losses.py`)
 
 The update that consumes an `Experience` lives in `ppo.py`.
 """
@@ -10,74 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from chatrlhf.generation import Generation, SamplingConfig, generate, positions, response_token_lists
+from chatrlhf.configs import PPOConfig
+from chatrlhf.forward import (
+    gather_logprobs,
+    response_logits,
+    sequence_scores,
+    token_values,
+)
+from chatrlhf.generation import Generation, SamplingConfig, generate
 from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
-from chatrlhf.models import unwrap
-from chatrlhf.reward import backbone_hidden, scalar_head
-
-if TYPE_CHECKING:
-    from chatrlhf.ppo import PPOConfig
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
-
-
-@dataclass
-class Experience:
-    """One batch of rollouts, ready for the update."""
-
-    sequences: torch.Tensor  # (B, P+R) left-padded prompt, then the right-padded response
-    attention_mask: torch.Tensor  # (B, P+R)
-    prompt_width: int  # P
-    response_mask: torch.Tensor  # (B, R) 1 on answer tokens, EOS included
-    logprobs: torch.Tensor  # (B, R) of the sampled tokens, when sampled
-    ref_logprobs: torch.Tensor  # (B, R) under the reference model
-    values: torch.Tensor  # (B, R) value before each answer token
-    scores: torch.Tensor  # (B,) reward-model score after penalties
-    kl: torch.Tensor  # (B, R) per-token KL estimate
-    rewards: torch.Tensor  # (B, R) KL-shaped per-token rewards
-    advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
-
-
-# --------------------------------------------------------------------------------------------------
-# model forwards
-
-
-def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits at the positions that predict each answer token. Returns (B, R, V) fp32."""
-    base = unwrap(model)
-    hidden = base.get_decoder()(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) for logits (B, R, V) and tokens (B, R). Returns (B, R)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
-
-
-def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
-    """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = backbone_hidden(value_model, sequences, attention_mask)
-    return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
-
-
-def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
-    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = backbone_hidden(reward_model, sequences, attention_mask)
-    return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
-
-
-# --------------------------------------------------------------------------------------------------
-# the phases
 
 
 @dataclass
@@ -89,6 +36,33 @@ class Models:
     reward_bias: float = 0.0
 
 
+@dataclass
+class ScoredRollouts:
+    """What the frozen models say about a batch of rollouts: the hand-off from scoring to `make_experience`."""
+
+    sequences: torch.Tensor  # (B, P+R) left-padded prompt, then the right-padded response
+    attention_mask: torch.Tensor  # (B, P+R)
+    ref_logprobs: torch.Tensor  # (B, R) of the sampled tokens under the reference model, 0 on padding
+    values: torch.Tensor  # (B, R) value before each answer token; zeros without a value model
+    scores: torch.Tensor  # (B,) reward-model (or reward-function) score, before any penalty
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts, ready for the update."""
+
+    sequences: torch.Tensor  # (B, P+R) left-padded prompt, then the right-padded response
+    attention_mask: torch.Tensor  # (B, P+R)
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # (B, R) 1 on answer tokens, EOS included
+    logprobs: torch.Tensor  # (B, R) of the sampled tokens, when sampled
+    values: torch.Tensor  # (B, R) value before each answer token
+    scores: torch.Tensor  # (B,) reward-model score after penalties
+    kl: torch.Tensor  # (B, R) per-token KL estimate
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+
+
 def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_new_tokens)
     models.policy.eval()
@@ -98,11 +72,11 @@ def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer,
 
 
 @torch.no_grad()
-def score(models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn) -> dict:
+def score_rollouts(
+    models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn
+) -> ScoredRollouts:
     """Reward-model scores, reference log-probs and values of a batch of rollouts."""
-    sequences = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)
-    mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)
-    width = gen.prompt_ids.shape[1]
+    sequences, mask, width = gen.sequences, gen.attention_mask, gen.prompt_width
     if models.reference is None:
         with models.policy.disable_adapter():
             ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature)
@@ -115,52 +89,43 @@ def score(models: Models, gen: Generation, cfg: PPOConfig, conversations, tokeni
     else:
         values = token_values(models.value, sequences, mask, width) * gen.response_mask
     if reward_fn is not None:
-        ids = response_token_lists(gen, tokenizer.eos_token_id)
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        ids = gen.token_lists(tokenizer.eos_token_id)
         scores = torch.tensor(
-            reward_fn(conversations, texts, ids), dtype=torch.float32, device=sequences.device
+            reward_fn(conversations, gen.texts(tokenizer), ids), dtype=torch.float32, device=sequences.device
         )
     else:
         last = width + gen.response_mask.sum(1) - 1
         scores = sequence_scores(models.reward, sequences, mask, last) + models.reward_bias
-    return {
-        "sequences": sequences,
-        "mask": mask,
-        "ref_logprobs": ref_logprobs,
-        "values": values,
-        "raw_scores": scores,
-    }
+    return ScoredRollouts(sequences, mask, ref_logprobs, values, scores)
 
 
-def make_experience(gen: Generation, scored: dict, cfg: PPOConfig, kl_coef: float) -> Experience:
-    """KL-shaped per-token rewards, GAE advantages and returns: pure tensor math on the rollout."""
+def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_coef: float) -> Experience:
+    """KL-shaped per-token rewards, GAE (or leave-one-out) advantages and returns: pure tensor math."""
     mask = gen.response_mask.float()
-    scores = scored["raw_scores"]
+    scores = scored.scores
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~gen.finished).float()
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    kl = kl_penalty(gen.logprobs, scored["ref_logprobs"], cfg.kl_estimator) * mask
+    kl = kl_penalty(gen.logprobs, scored.ref_logprobs, cfg.kl_estimator) * mask
     rewards = token_rewards(scores, kl, kl_coef, mask)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     if cfg.advantage_estimator == "rloo":
         advantages, returns = leave_one_out_advantages(rewards, mask, cfg.samples_per_prompt)
     else:
-        advantages, returns = gae(rewards, scored["values"], mask, cfg.gamma, cfg.lam)
+        advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return Experience(
-        sequences=scored["sequences"],
-        attention_mask=scored["mask"],
-        prompt_width=gen.prompt_ids.shape[1],
+        sequences=scored.sequences,
+        attention_mask=scored.attention_mask,
+        prompt_width=gen.prompt_width,
         response_mask=gen.response_mask,
         logprobs=gen.logprobs,
-        ref_logprobs=scored["ref_logprobs"],
-        values=scored["values"],
+        values=scored.values,
         scores=scores,
         kl=kl,
-        rewards=rewards,
         advantages=advantages,
         returns=returns,
     )

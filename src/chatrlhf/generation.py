@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from chatrlhf.chat import prompt_ids
+from chatrlhf.forward import positions
 from chatrlhf.models import unwrap
 
 
@@ -39,17 +39,37 @@ class Generation:
     logprobs: torch.Tensor  # (B, R) log-prob of each sampled token, 0 on padding
     finished: torch.Tensor  # (B,) True where the response ended with EOS
 
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, P+R) each prompt followed by its response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P+R) 1 on prompt and response tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    def token_lists(self, eos_id: int) -> list[list[int]]:
+        """Each response's ids without padding and without the final EOS."""
+        return response_token_lists(self, eos_id)
+
+    def texts(self, tokenizer) -> list[str]:
+        """Each response as text, special tokens left out."""
+        return [
+            tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in self.token_lists(tokenizer.eos_token_id)
+        ]
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token, whatever the left padding. (B, T)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -161,20 +181,3 @@ def response_token_lists(gen: Generation, eos_id: int) -> list[list[int]]:
         row = [t for t, keep in zip(ids, m) if keep]
         rows.append(row[:-1] if row and row[-1] == eos_id else row)
     return rows
-
-
-def answer(
-    model,
-    tokenizer,
-    conversations: Sequence[list[dict]],
-    sampling: SamplingConfig,
-    system_prompt: str = "",
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """The assistant's reply to each conversation (ending in a user turn), as text."""
-    prompts = [prompt_ids(tokenizer, c, system_prompt) for c in conversations]
-    gen = generate(model, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-    return [
-        tokenizer.decode(r, skip_special_tokens=True)
-        for r in response_token_lists(gen, tokenizer.eos_token_id)
-    ]

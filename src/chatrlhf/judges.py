@@ -395,8 +395,7 @@ class RewardModelJudge:
     name = "rm"
 
     def __init__(self, model_path: str):
-        from chatrlhf.models import load_tokenizer, pick_device
-        from chatrlhf.reward import load_reward_model
+        from chatrlhf.models import load_reward_model, load_tokenizer, pick_device
 
         if not model_path:
             raise UserError("the rm judge needs a reward model: --judge_model PATH")
@@ -405,7 +404,8 @@ class RewardModelJudge:
         self.model = load_reward_model(model_path, self.tokenizer, self.device).eval()
 
     def scores(self, prompt: list[dict], responses: Sequence[str], meta: dict) -> list[float]:
-        from chatrlhf.reward import reward_scores, sequence_ids
+        from chatrlhf.chat import sequence_ids
+        from chatrlhf.forward import reward_scores
 
         sequences = [sequence_ids(self.tokenizer, prompt, r) for r in responses]
         return reward_scores(self.model, sequences, self.tokenizer.pad_token_id, self.device).tolist()

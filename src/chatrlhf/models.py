@@ -8,6 +8,7 @@ model refuses `save_pretrained`, so its weights are copied into a model built fr
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from filelock import FileLock
 
 from chatrlhf.chat import ensure_pad_token
-from chatrlhf.config import LoraConfig
+from chatrlhf.configs import LoraConfig
 from chatrlhf.errors import UserError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -267,3 +268,29 @@ def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def load_reward_model(name_or_path: str, tokenizer, device, init_head: bool = False):
+    """A one-label sequence-classification model; a new head is drawn from N(0, 1/sqrt(d+1))."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if init_head:  # a causal LM has no score head yet: the load report listing it as missing is expected
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=torch.float32
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    match_tokenizer(model, tokenizer)
+    disable_dropout(model)
+    if init_head:
+        head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+        d = head.weight.shape[1]
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    return own_weights(model.to(device))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from chatrlhf.data import Conversation, DataError, InvalidRecords, Record
+from chatrlhf.records import Conversation, DataError, InvalidRecords, Record
 
 ROLE = {"prompter": "user", "assistant": "assistant"}
 
@@ -67,37 +67,24 @@ def tree_demonstrations(
     return conversations
 
 
-def _ranked_groups(record: Record) -> list:
-    """Every group of ranked, human-written sibling replies in one tree as a ranking of K answers.
+def ranked_groups(record: Record) -> list[tuple[list[dict[str, str]], list[str], list[int]]]:
+    """Every group of ranked, human-written sibling replies in one tree, as (prompt, answers, ranks) with
+    rank 1 best; `preferences.load_rankings` makes them rankings.
 
     The prompt is the conversation from the root down to the replies' parent (itself along usable messages).
     """
-    from chatrlhf.preferences import Ranking, check_ranking
-
-    rankings = []
+    groups = []
 
     def walk(message: dict[str, Any], history: list[dict[str, str]]) -> None:
         history = history + [{"role": ROLE[message["role"]], "content": message["text"]}]
         replies = [m for m in message.get("replies") or [] if usable(m)]
         ranked = [m for m in replies if isinstance(m.get("rank"), int)]
         if message["role"] == "prompter" and len({m["rank"] for m in ranked}) >= 2:
-            ranking = Ranking(
-                record.where, history, [m["text"] for m in ranked], [m["rank"] + 1 for m in ranked]
-            )
-            rankings.append(check_ranking(ranking))
+            groups.append((history, [m["text"] for m in ranked], [m["rank"] + 1 for m in ranked]))
         for reply in replies:
             walk(reply, history)
 
     root = _root(record)
     if usable(root) and root["role"] == "prompter":
         walk(root, [])
-    return rankings
-
-
-def tree_rankings(source: str, records: Sequence[Record], invalid: InvalidRecords | None = None):
-    """Every group of ranked, human-written sibling replies of every tree, one ranking each."""
-    invalid = invalid or InvalidRecords()
-    rankings = [r for groups in invalid.keep(source, records, _ranked_groups) for r in groups]
-    if not rankings:
-        raise DataError(f"{source}: no ranked sibling replies in the trees")
-    return rankings
+    return groups

@@ -19,55 +19,26 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
 
-from chatrlhf.config import SFTConfig, help_field, save_config
+from chatrlhf.config import save_config
+from chatrlhf.configs import PipelineConfig
 from chatrlhf.errors import UserError
-from chatrlhf.eval import EvalConfig
-from chatrlhf.labeling.auto import LabelAutoConfig
-from chatrlhf.ppo import PPOConfig
-from chatrlhf.reward import RewardConfig
-from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
-from chatrlhf.sample import SampleConfig
-
-STATE_FILE = "pipeline.json"
-
-
-@dataclass
-class PipelineConfig:
-    output_dir: str = help_field("runs/pipeline", "where every stage, the labeling DB and report.md go")
-    model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
-    demonstrations: str = help_field("", "SFT demonstrations file")
-    prompts: str = help_field("", "prompts to sample answers for ranking and to run PPO on")
-    eval_prompts: str = help_field("", "held-out prompts for the final evaluation")
-    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
-    labeler: str = help_field(
-        "auto", "auto (a simulated labeler with `label.judge`) | human (the ranking app)"
-    )
-    db: str = help_field("", "labeling database; empty: labels.db in output_dir")
-    min_rankings: int = help_field(0, "human labeling: ranked tasks needed to go on; 0: every sampled task")
-    seed: int = help_field(1234, "seed of every stage")
-    resume: bool = help_field(False, "skip the finished stages of an earlier run in output_dir")
-    overwrite: bool = help_field(False, "delete an earlier run in output_dir and start again")
-    sample: SampleConfig = help_field(SampleConfig(), "sampling for ranking (prompts, db, model are set)")
-    label: LabelAutoConfig = help_field(LabelAutoConfig(), "the simulated labeler: judge, noise (db is set)")
-    sft: SFTConfig = help_field(SFTConfig(), "stage 1 settings (model, data.train, output_dir are set)")
-    reward: RewardConfig = help_field(RewardConfig(), "stage 2 settings (starts from the SFT model)")
-    ppo: PPOConfig = help_field(PPOConfig(), "stage 3 settings (policy, reference, reward model are set)")
-    eval: EvalConfig = help_field(EvalConfig(), "final evaluation (policy, baseline, prompts are set)")
+from chatrlhf.runs import PipelineRun, atomic_write_jsonl, atomic_write_text
 
 
 class Pipeline:
-    """The run folder: where each stage writes, and which stages are done (`pipeline.json`)."""
+    """A pipeline run: its folder (`runs.PipelineRun`) and which stages are done (`pipeline.json`)."""
 
     def __init__(self, cfg: PipelineConfig, console: Console):
         self.cfg, self.console = cfg, console
-        self.out = Path(cfg.output_dir)
-        self.state_path = self.out / STATE_FILE
-        self.db = cfg.db or str(self.out / "labels.db")
+        self.paths = PipelineRun(cfg.output_dir)
+        self.out = self.paths.root
+        self.state_path = self.paths.state
+        self.db = cfg.db or str(self.paths.db)
 
     def open(self) -> None:
         cfg = self.cfg
@@ -81,7 +52,7 @@ class Pipeline:
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.state_path.exists():
             self._write({"stages": {}})
-        save_config(cfg, self.out / "pipeline_config.json")
+        save_config(cfg, self.paths.config)
 
     @property
     def state(self) -> dict:
@@ -191,7 +162,7 @@ def _export_rankings(pipe: Pipeline, iteration: int) -> str:
     from chatrlhf.labeling.store import Store
 
     records = Store(pipe.db).rankings()
-    path = pipe.out / f"iter{iteration}" / "rankings.jsonl"
+    path = pipe.paths.rankings(iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(path, records)
     if len(records) < 2:
@@ -215,74 +186,84 @@ def _gold_fn(pipe: Pipeline):
 
 
 def run(cfg: PipelineConfig) -> dict:
-    from chatrlhf import ppo, reward, sft
-    from chatrlhf.eval import evaluate, write_result
+    from chatrlhf.eval import evaluate, read_result, write_result
     from chatrlhf.report import write_report
 
     check_config(cfg)
     console = Console()
     pipe = Pipeline(cfg, console)
     pipe.open()
-    out = pipe.out
+    paths = pipe.paths
+    policy, waiting = _train_policy(pipe)
+    if waiting:
+        return {"waiting": waiting}
+    eval_cfg = replace(
+        cfg.eval,
+        policy=policy,
+        baseline=str(paths.sft),
+        base=cfg.eval.base or cfg.model or "default",
+        prompts=cfg.eval_prompts,
+        judge=cfg.eval.judge or cfg.label.judge,
+        reward_model=cfg.eval.reward_model or str(paths.rm(cfg.iterations)),
+        output=str(paths.eval),
+        seed=cfg.seed,
+    )
+    result = None
 
+    def run_eval():
+        nonlocal result
+        result = evaluate(eval_cfg)
+        write_result(result, eval_cfg, paths.eval)
+        return {k: v for k, v in asdict(result).items() if k != "rows"}
+
+    figures = pipe.stage("eval", run_eval)
+    report = write_report(paths, cfg, pipe.state, result or read_result(paths.eval), eval_cfg)
+    console.print(f"report: {report}")
+    console.print(f"chat with the result:  chatrlhf chat {policy}")
+    return {"report": str(report), "policy": policy, "eval": figures}
+
+
+def _train_policy(pipe: Pipeline) -> tuple[str, str]:
+    """SFT, then each iteration's sample -> rank -> reward model -> PPO. Returns the final policy's folder
+    and "", or the stage that waits for people to rank an iteration's answers."""
+    from chatrlhf import ppo, reward, sft
+
+    cfg, paths = pipe.cfg, pipe.paths
+    sft_path = str(paths.sft)
     sft_cfg = _stage_cfg(
         cfg.sft,
         pipe,
         model=cfg.model,
-        output_dir=str(out / "sft"),
+        output_dir=sft_path,
         data=replace(cfg.sft.data, train=cfg.demonstrations),
     )
     pipe.stage("sft", lambda: sft.train(sft_cfg))
-    sft_path = str(out / "sft")
     policy = sft_path
     for it in range(1, cfg.iterations + 1):
         sampled = pipe.stage(f"iter{it}/sample", lambda p=policy, i=it: _sample(pipe, p, i))
         if pipe.done(f"iter{it}/label") is None:
-            console.rule(f"[bold]iter{it}/label")
+            pipe.console.rule(f"[bold]iter{it}/label")
             labelled = _label(pipe, it, sampled)
             if labelled is None:
                 _wait_for_people(pipe, it)
-                return {"waiting": f"iter{it}/label"}
+                return policy, f"iter{it}/label"
             pipe.finish(f"iter{it}/label", labelled)
-        rm_path = str(out / f"iter{it}" / "rm")
+        rm_path = str(paths.rm(it))
 
         def train_rm(i=it, path=rm_path):
             data = replace(cfg.reward.data, train=_export_rankings(pipe, i))
             return reward.train(_stage_cfg(cfg.reward, pipe, model=sft_path, output_dir=path, data=data))
 
         pipe.stage(f"iter{it}/rm", train_rm)
-        ppo_path = str(out / f"iter{it}" / "ppo")
         ppo_cfg = _stage_cfg(
             cfg.ppo,
             pipe,
             model=policy,
             reference_model=sft_path,
             reward_model=rm_path,
-            output_dir=ppo_path,
+            output_dir=str(paths.ppo(it)),
             data=replace(cfg.ppo.data, train=cfg.prompts),
         )
         pipe.stage(f"iter{it}/ppo", lambda c=ppo_cfg: ppo.train(c, gold_fn=_gold_fn(pipe)))
-        policy = ppo_path
-
-    eval_cfg = replace(
-        cfg.eval,
-        policy=policy,
-        baseline=sft_path,
-        base=cfg.eval.base or cfg.model or "default",
-        prompts=cfg.eval_prompts,
-        judge=cfg.eval.judge or cfg.label.judge,
-        reward_model=cfg.eval.reward_model or str(out / f"iter{cfg.iterations}" / "rm"),
-        output=str(out / "eval"),
-        seed=cfg.seed,
-    )
-
-    def run_eval():
-        result = evaluate(eval_cfg)
-        write_result(result, eval_cfg, out / "eval")
-        return {k: v for k, v in asdict(result).items() if k != "rows"}
-
-    figures = pipe.stage("eval", run_eval)
-    report = write_report(pipe.out, cfg, pipe.state, figures, eval_cfg)
-    console.print(f"report: {report}")
-    console.print(f"chat with the result:  chatrlhf chat {policy}")
-    return {"report": str(report), "policy": policy, "eval": figures}
+        policy = str(paths.ppo(it))
+    return policy, ""

@@ -5,8 +5,12 @@ per-token KL penalty keeps the policy near the SFT model (InstructGPT section 3.
 
 Four models: the policy (from the SFT checkpoint), a frozen reference (the SFT model; with LoRA, the policy
 with its adapters disabled), a value model initialised from the reward model, and the reward model. Each
-step runs named phases, each timed: rollout -> score -> make_experience (in `experience.py`) -> ppo_update
-(clipped policy and value losses, optional PPO-ptx; here) -> log.
+step runs named phases, each timed (`ppo_step`):
+
+    prompts -> rollout -> score_rollouts -> make_experience (all three in `experience.py`)
+    -> ppo_update (clipped policy and value losses, optional PPO-ptx; here) -> log
+
+The run around the steps (resume, checkpoints, metrics, export) is `harness.py`'s.
 """
 
 from __future__ import annotations
@@ -21,35 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
 from chatrlhf.chat import prompt_ids
-from chatrlhf.config import TrainConfig, help_field, to_dict
-from chatrlhf.data import (
-    DataError,
-    InvalidRecords,
-    chunk_stream,
-    load_prompts,
-    load_texts,
-    tokenize_texts,
-)
+from chatrlhf.configs import PPOConfig
+from chatrlhf.data import chunk_stream, load_prompts, load_texts, tokenize_texts
 from chatrlhf.errors import UserError
-from chatrlhf.experience import (
-    Experience,
-    Models,
-    RewardFn,
-    gather_logprobs,
-    make_experience,
-    response_logits,
-    rollout,
-    score,
-    token_values,
-)
-from chatrlhf.generation import Generation, response_token_lists
+from chatrlhf.experience import Experience, Models, RewardFn, make_experience, rollout, score_rollouts
+from chatrlhf.forward import collate, gather_logprobs, response_logits, target_logits, token_values
+from chatrlhf.generation import Generation
+from chatrlhf.harness import Harness, TrainState, autocast, check_config, make_optimizer
 from chatrlhf.losses import (
     entropy_from_logits,
     explained_variance,
@@ -61,79 +47,16 @@ from chatrlhf.losses import (
 from chatrlhf.models import (
     apply_lora,
     load_causal_lm,
+    load_reward_model,
     load_tokenizer,
     pick_device,
-    resolve_dtype,
     resolve_model,
     save_model,
 )
-from chatrlhf.reward import load_reward_model
-from chatrlhf.runs import MetricsLog, RunDir, data_lineage, keep_rows_upto, plot_metrics
-from chatrlhf.sft import collate, target_logits
-from chatrlhf.training import (
-    autocast,
-    check_config,
-    load_resumable,
-    make_optimizer,
-    reuse_freed_memory,
-    save_resumable,
-)
+from chatrlhf.records import Conversation, DataError, InvalidRecords
+from chatrlhf.runs import RunDir, data_lineage, keep_rows_upto
 
-
-@dataclass
-class PPOConfig(TrainConfig):
-    """PPO against a reward model; `data.train` is the prompts file, `max_steps` counts PPO steps."""
-
-    output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
-    reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
-    value_model: str = help_field("", "value model start; empty: the reward model (InstructGPT)")
-    reference_model: str = help_field(
-        "",
-        "frozen model of the KL penalty; empty: the starting policy (set it to the SFT model when PPO "
-        "continues from an earlier PPO policy)",
-    )
-    batch_size: int = help_field(8, "prompts per PPO step")
-    samples_per_prompt: int = help_field(
-        1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"
-    )
-    advantage_estimator: str = help_field(
-        "gae",
-        "gae: a value model and GAE (InstructGPT) | rloo: each answer's return minus the mean return of "
-        "the other answers to its prompt, no value model (needs samples_per_prompt >= 2)",
-    )
-    lr: float = help_field(3e-6, "peak learning rate of policy and value")
-    warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
-    lr_scheduler: str = help_field("linear", "learning-rate decay: cosine | linear | constant")
-    save_every: int = help_field(20, "PPO steps between resumable checkpoints; 0 saves only at the end")
-    max_prompt_length: int = help_field(512, "longest prompt in tokens; a longer one stops the run")
-    max_new_tokens: int = help_field(64, "longest answer in tokens")
-    temperature: float = help_field(1.0, "sampling temperature, also used when log-probs are recomputed")
-    top_p: float = help_field(1.0, "nucleus sampling")
-    top_k: int = help_field(0, "top-k sampling; 0 is off")
-    min_new_tokens: int = help_field(0, "EOS is suppressed until an answer has this many tokens")
-    ppo_epochs: int = help_field(4, "passes over each batch of rollouts")
-    minibatches: int = help_field(1, "optimizer steps per pass over the rollouts")
-    clip_range: float = help_field(0.2, "PPO ratio clip")
-    value_clip: float = help_field(0.2, "value-function clip around the rollout values")
-    vf_coef: float = help_field(0.1, "weight of the value loss")
-    gamma: float = help_field(1.0, "discount")
-    lam: float = help_field(0.95, "GAE lambda")
-    kl_coef: float = help_field(0.02, "beta, the per-token KL penalty weight (InstructGPT 0.02)")
-    kl_estimator: str = help_field("k1", "per-token KL estimator: k1 | k3")
-    target_kl: float = help_field(0.0, "adaptive beta toward this KL per answer (0 keeps beta fixed)")
-    kl_horizon: int = help_field(10000, "horizon of the adaptive KL controller, in episodes")
-    missing_eos_penalty: float = help_field(0.0, "subtracted from the score of answers cut at max_new_tokens")
-    reward_clip: float = help_field(0.0, "clip scores to [-c, c]; 0 is off")
-    whiten_rewards: bool = help_field(False, "whiten per-token rewards within the batch")
-    whiten_advantages: bool = help_field(True, "whiten advantages within the batch")
-    ptx_coef: float = help_field(0.0, "PPO-ptx: weight of the pretraining loss (InstructGPT 27.8)")
-    ptx_data: str = help_field("", "PPO-ptx text: {'text'} JSONL or .txt")
-    ptx_batch_size: int = help_field(4, "pretraining rows per optimizer step")
-    ptx_max_length: int = help_field(256, "tokens per pretraining row")
-    ema_decay: float = help_field(
-        0.0, "exponential moving average of the policy weights, exported instead; 0 is off"
-    )
-    sample_every: int = help_field(10, "steps between sample tables (samples.jsonl)")
+PLOTS = ["ppo/reward", "ppo/gold_reward", "ppo/kl", "ppo/response_length", "ppo/entropy"]
 
 
 def minibatch_loss(
@@ -181,10 +104,9 @@ class _PPOLoss(torch.nn.Module):
         return minibatch_loss(self.models, exp, idx, self.cfg, ptx_rows, self.pad_id)
 
 
-def ppo_update(
-    accelerator, wrapped, exp: Experience, cfg: PPOConfig, optimizer, generator, ptx_sampler, ema
-) -> dict:
-    """`ppo_epochs` passes over the rollouts in `minibatches` optimizer steps; returns the mean stats."""
+def ppo_update(accelerator, wrapped, exp: Experience, cfg: PPOConfig, optimizer, generator, ptx, ema) -> dict:
+    """`ppo_epochs` passes over the rollouts in `minibatches` optimizer steps; returns the mean stats. A
+    non-finite loss stops the update at once, its `ppo/loss` NaN for the harness to report."""
     wrapped.train()
     batch = exp.sequences.shape[0]
     size = max(1, math.ceil(batch / cfg.minibatches))
@@ -193,10 +115,10 @@ def ppo_update(
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(batch, generator=generator).to(exp.sequences.device)
         for start in range(0, batch, size):
-            ptx_rows = ptx_sampler() if ptx_sampler else None
+            ptx_rows = ptx.next_rows() if ptx is not None else None
             loss, stats = wrapped(exp, order[start : start + size], ptx_rows)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError
+                return {"ppo/loss": float("nan")}
             accelerator.backward(loss)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             norm = accelerator.clip_grad_norm_(wrapped.parameters(), max_norm)
@@ -242,6 +164,12 @@ class EMA:
             if name in self.shadow:
                 self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
 
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = state["shadow"]
+
 
 class AdaptiveKL:
     """Ziegler et al. (2019): move beta so the KL per answer tracks a target."""
@@ -253,6 +181,37 @@ class AdaptiveKL:
         if self.target > 0:
             error = max(-0.2, min(0.2, kl / self.target - 1.0))
             self.value *= 1.0 + error * episodes / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["kl_coef"]
+
+
+class PtxStream:
+    """PPO-ptx's pretraining rows, `ptx_batch_size` per optimizer step, cycling through the text."""
+
+    def __init__(self, rows: list, batch_size: int):
+        self.rows, self.batch_size, self.at = rows, batch_size, 0
+
+    @classmethod
+    def of(cls, cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> PtxStream | None:
+        if cfg.ptx_coef <= 0:
+            return None
+        texts = tokenize_texts(load_texts(cfg.ptx_data, invalid), tokenizer)
+        return cls(chunk_stream(texts, cfg.ptx_max_length), cfg.ptx_batch_size)
+
+    def next_rows(self) -> list:
+        picked = [self.rows[(self.at + i) % len(self.rows)] for i in range(self.batch_size)]
+        self.at += self.batch_size
+        return picked
+
+    def state_dict(self) -> dict:
+        return {"ptx_at": self.at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.at = state["ptx_at"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +246,9 @@ def _same_vocabulary(path: str, tokenizer, policy_tokenizer, what: str) -> None:
         )
 
 
-def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -> Models:
+def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -> Models:
+    """The policy (with LoRA when configured), the frozen reference, the value model (gae) and the frozen
+    reward model (unless a reward function stands in for it)."""
     set_seed(cfg.seed)
     policy = load_causal_lm(model_path, tokenizer, device)
     reference = None
@@ -317,6 +278,23 @@ def _load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) 
     return Models(policy, value, reference, reward, bias)
 
 
+def trained(models: Models) -> dict[str, torch.nn.Module]:
+    """The models PPO updates, by checkpoint name."""
+    return {"policy": models.policy} | ({"value": models.value} if models.value is not None else {})
+
+
+def train_state(cfg: PPOConfig, models: Models, steps: int, ptx: PtxStream | None) -> TrainState:
+    """Optimizer and schedule over the trained models' parameters, the KL controller, EMA and PTX cursor."""
+    params = [p for m in trained(models).values() for p in m.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(cfg, params, steps)
+    extras = {"kl": AdaptiveKL(cfg)}
+    if cfg.ema_decay > 0:
+        extras["ema"] = EMA(models.policy, cfg.ema_decay)
+    if ptx is not None:
+        extras["ptx"] = ptx
+    return TrainState(trained(models), optimizer, scheduler, extras)
+
+
 def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[list, list[list[int]]]:
     conversations = load_prompts(cfg.data.train, invalid)
     ids = []
@@ -330,42 +308,6 @@ def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[lis
     return conversations, ids
 
 
-def _ptx_sampler(cfg: PPOConfig, tokenizer, invalid: InvalidRecords):
-    if cfg.ptx_coef <= 0:
-        return None
-    rows = chunk_stream(tokenize_texts(load_texts(cfg.ptx_data, invalid), tokenizer), cfg.ptx_max_length)
-    state = {"at": 0}
-
-    def next_rows():
-        picked = [rows[(state["at"] + i) % len(rows)] for i in range(cfg.ptx_batch_size)]
-        state["at"] += cfg.ptx_batch_size
-        return picked
-
-    return next_rows, state
-
-
-def _save(folder: Path, models: Models, optimizer, scheduler, step, kl: AdaptiveKL, ema, ptx_state) -> None:
-    if ema is not None:
-        save_file({n: t.contiguous() for n, t in ema.shadow.items()}, str(folder / "ema.safetensors"))
-    ptx_at = ptx_state["at"] if ptx_state else 0
-    named = _trained(models)
-    save_resumable(folder, named, optimizer, scheduler, step, kl_coef=kl.value, ptx_at=ptx_at)
-
-
-def _trained(models: Models) -> dict:
-    return {"policy": models.policy} | ({"value": models.value} if models.value is not None else {})
-
-
-def _load(folder: Path, models: Models, optimizer, scheduler, kl: AdaptiveKL, ema, ptx_state) -> int:
-    state = load_resumable(folder, _trained(models), optimizer, scheduler)
-    if ema is not None:
-        ema.shadow = load_file(str(folder / "ema.safetensors"))
-    kl.value = state["kl_coef"]
-    if ptx_state is not None:
-        ptx_state["at"] = state["ptx_at"]
-    return int(state["step"])
-
-
 @contextmanager
 def _timed(metrics: dict, name: str):
     began = time.perf_counter()
@@ -373,138 +315,100 @@ def _timed(metrics: dict, name: str):
     metrics[f"timing/{name}"] = time.perf_counter() - began
 
 
+@dataclass
+class PPORun:
+    """What every PPO step reads: the models, the prompts, the judges, and the harness's state."""
+
+    cfg: PPOConfig
+    harness: Harness
+    state: TrainState
+    models: Models
+    wrapped: torch.nn.Module  # the loss over policy and value, as accelerate wrapped it
+    tokenizer: object
+    conversations: list[Conversation]
+    prompts: list[list[int]]
+    reward_fn: RewardFn | None
+    gold_fn: object | None
+
+
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_fn=None) -> dict[str, float]:
     """Run PPO. `reward_fn(prompts, answers, answer_ids) -> scores` may stand in for the reward model.
-    `gold_fn(prompts, answers, records) -> scores` (records: each prompt's other fields), a judge the policy never sees, is logged as `ppo/gold_reward`
-    beside the proxy reward, to show over-optimisation of the reward model when it happens.
+    `gold_fn(prompts, answers, records) -> scores` (records: each prompt's other fields), a judge the policy
+    never sees, is logged as `ppo/gold_reward` beside the proxy reward, to show over-optimisation of the
+    reward model when it happens.
 
     Under `accelerate launch` (or torchrun) each process rolls out `batch_size` prompts of its own per step;
     gradients are averaged over processes, metrics too, and only the main process writes.
     """
-    from accelerate import Accelerator
-
     _check(cfg, reward_fn)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     invalid = InvalidRecords(cfg.data.on_invalid)
     conversations, prompts = _prompt_ids(cfg, tokenizer, invalid)
-    ptx = _ptx_sampler(cfg, tokenizer, invalid)
-    ptx_sampler, ptx_state = ptx if ptx else (None, None)
+    ptx = PtxStream.of(cfg, tokenizer, invalid)
     device = pick_device()
-    if device.type == "cpu":
-        reuse_freed_memory()
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    models = _load_models(cfg, tokenizer, model_path, reward_fn, device)
-    dtype = resolve_dtype(cfg.dtype)
-    per_step = cfg.batch_size * world
+    harness = Harness(cfg, "ppo", device, on_step)
+    models = load_models(cfg, tokenizer, model_path, reward_fn, device)
+    per_step = cfg.batch_size * harness.world
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
-    params = [p for m in _trained(models).values() for p in m.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(cfg, params, steps)
-    kl_ctl = AdaptiveKL(cfg)
-    ema = EMA(models.policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    state = train_state(cfg, models, steps, ptx)
+    wrapped, start = harness.begin(state, _PPOLoss(models, cfg, tokenizer.pad_token_id))
+    if harness.main:
+        keep_rows_upto(
+            harness.run.path / "samples.jsonl", start
+        )  # a resumed run writes the later samples again
+    run = PPORun(cfg, harness, state, models, wrapped, tokenizer, conversations, prompts, reward_fn, gold_fn)
+    for step in harness.steps(steps):
+        metrics, convs, gen, exp = ppo_step(run, step)
+        done = step + 1
+        if harness.main and cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
+            _write_samples(harness.run, done, convs, gen, exp, tokenizer, harness.progress.console)
+        harness.end_step(done, metrics, f"reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.3f}")
+    lineage = {
+        "parent": model_path,
+        "reference": cfg.reference_model or model_path,
+        "reward_model": cfg.reward_model or "reward function",
+        "data": data_lineage(cfg.data.train, cfg.ptx_data),
+        "invalid_records": invalid.summary(),
+    }
+    export = functools.partial(_export, models=models, tokenizer=tokenizer, ema=state.extras.get("ema"))
+    return harness.finish(export, lineage, PLOTS, processes=harness.world)
 
-    run = RunDir(cfg.output_dir)
-    start = 0
-    checkpoint = run.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
-        start = _load(checkpoint, models, optimizer, scheduler, kl_ctl, ema, ptx_state)
-    wrapped, optimizer = accelerator.prepare(_PPOLoss(models, cfg, tokenizer.pad_token_id), optimizer)
-    if main:
-        run.start(overwrite=cfg.overwrite and not cfg.resume)
-    accelerator.wait_for_everyone()
-    log = MetricsLog(run, cfg.report_to, resume_step=start, enabled=main)
-    if main:
-        keep_rows_upto(run.path / "samples.jsonl", start)  # a resumed run writes the later samples again
-    console = Console(stderr=True, quiet=not main)
-    summary: dict[str, float] = {}
-    columns = [TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, TextColumn("{task.fields[info]}"), console=console, disable=not main) as progress:
-        task = progress.add_task("ppo", total=steps, completed=start, info="")
-        for step in range(start, steps):
-            metrics: dict[str, float] = {}
-            began = time.perf_counter()
-            # every step's randomness comes from (seed, step, process), so a resumed run repeats it exactly
-            generator = torch.Generator(device=device).manual_seed((cfg.seed * 100003 + step) * 1009 + rank)
-            # a prompt's samples_per_prompt answers lie next to each other in the batch
-            picked = [
-                i
-                for i in step_prompts(cfg, len(prompts), step, world)[rank::world]
-                for _ in range(cfg.samples_per_prompt)
-            ]
-            batch_convs = [conversations[i].messages for i in picked]
-            with _timed(metrics, "rollout"), autocast(device, dtype):
-                gen = rollout(models, [prompts[i] for i in picked], cfg, tokenizer, generator)
-            with _timed(metrics, "score"), autocast(device, dtype):
-                scored = score(models, gen, cfg, batch_convs, tokenizer, reward_fn)
-            exp = make_experience(gen, scored, cfg, kl_ctl.value)
-            if gold_fn is not None:
-                texts = tokenizer.batch_decode(
-                    response_token_lists(gen, tokenizer.eos_token_id), skip_special_tokens=True
-                )
-                metas = [conversations[i].extra for i in picked]
-                metrics["ppo/gold_reward"] = sum(gold_fn(batch_convs, texts, metas)) / len(texts)
-            try:
-                with _timed(metrics, "update"), autocast(device, dtype):
-                    metrics.update(
-                        ppo_update(accelerator, wrapped, exp, cfg, optimizer, generator, ptx_sampler, ema)
-                    )
-            except FloatingPointError:
-                last = run.latest_checkpoint()
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise UserError(
-                    f"ppo: a loss became NaN or infinite at step {step + 1}; {kept} (try a lower lr)"
-                ) from None
-            scheduler.step()
-            metrics.update(_rollout_metrics(exp, gen, kl_ctl.value, models.value is not None))
-            metrics["timing/step"] = time.perf_counter() - began
-            if world > 1:
-                metrics = _mean_over_processes(accelerator, metrics, device)
-                _check_in_sync(accelerator, models.policy, step + 1)
-            kl_ctl.update(metrics["ppo/kl"], per_step * cfg.samples_per_prompt)
-            done = step + 1
-            log.log(done, metrics)
-            summary.update(metrics)
-            progress.update(
-                task, advance=1, info=f"reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.3f}"
-            )
-            if main and cfg.sample_every and (done % cfg.sample_every == 0 or done == steps):
-                _write_samples(run, done, batch_convs, gen, exp, tokenizer, progress.console)
-            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                if main:
-                    run.save_checkpoint(
-                        done,
-                        lambda f, s=done: _save(f, models, optimizer, scheduler, s, kl_ctl, ema, ptx_state),
-                        cfg.keep_checkpoints,
-                    )
-                accelerator.wait_for_everyone()
-            if on_step is not None:
-                on_step(done, metrics)
-    if main:
-        log.close()
-        plot_metrics(
-            run,
-            ["ppo/reward", "ppo/gold_reward", "ppo/kl", "ppo/response_length", "ppo/entropy"],
-            "ppo_curves.png",
-            f"ppo: {cfg.output_dir}",
-        )
-        lineage = {
-            "parent": model_path,
-            "reference": cfg.reference_model or model_path,
-            "reward_model": cfg.reward_model or "reward function",
-            "data": data_lineage(cfg.data.train, cfg.ptx_data),
-            "invalid_records": invalid.summary(),
-        }
-        info = {
-            "stage": "ppo",
-            "config": to_dict(cfg),
-            "lineage": lineage,
-            "summary": summary,
-            "processes": world,
-        }
-        run.export(lambda folder: _export(folder, models, tokenizer, ema), info)
-    accelerator.wait_for_everyone()
-    return summary
+
+def ppo_step(run: PPORun, step: int) -> tuple[dict[str, float], list[list[dict]], Generation, Experience]:
+    """One PPO iteration: prompts -> rollout -> score -> make_experience -> update. Returns the step's metrics
+    (averaged over processes) and its rollouts."""
+    cfg, harness, models, tokenizer = run.cfg, run.harness, run.models, run.tokenizer
+    metrics: dict[str, float] = {}
+    began = time.perf_counter()
+    # every step's randomness comes from (seed, step, process), so a resumed run repeats it exactly
+    generator = torch.Generator(device=harness.device).manual_seed(
+        (cfg.seed * 100003 + step) * 1009 + harness.rank
+    )
+    # a prompt's samples_per_prompt answers lie next to each other in the batch
+    mine = step_prompts(cfg, len(run.prompts), step, harness.world)[harness.rank :: harness.world]
+    picked = [i for i in mine for _ in range(cfg.samples_per_prompt)]
+    convs = [run.conversations[i].messages for i in picked]
+    kl_ctl, compute = run.state.extras["kl"], autocast(harness.device, harness.dtype)
+    with _timed(metrics, "rollout"), compute:
+        gen = rollout(models, [run.prompts[i] for i in picked], cfg, tokenizer, generator)
+    with _timed(metrics, "score"), compute:
+        scored = score_rollouts(models, gen, cfg, convs, tokenizer, run.reward_fn)
+    exp = make_experience(gen, scored, cfg, kl_ctl.value)
+    if run.gold_fn is not None:
+        gold = run.gold_fn(convs, gen.texts(tokenizer), [run.conversations[i].extra for i in picked])
+        metrics["ppo/gold_reward"] = sum(gold) / len(gold)
+    with _timed(metrics, "update"), compute:
+        optimizer, ptx, ema = run.state.optimizer, run.state.extras.get("ptx"), run.state.extras.get("ema")
+        metrics.update(ppo_update(harness.accelerator, run.wrapped, exp, cfg, optimizer, generator, ptx, ema))
+    run.state.scheduler.step()
+    metrics.update(_rollout_metrics(exp, gen, kl_ctl.value, models.value is not None))
+    metrics["timing/step"] = time.perf_counter() - began
+    if harness.world > 1:
+        metrics = _mean_over_processes(harness.accelerator, metrics, harness.device)
+        _check_in_sync(harness.accelerator, models.policy, step + 1)
+    kl_ctl.update(metrics["ppo/kl"], cfg.batch_size * harness.world * cfg.samples_per_prompt)
+    return metrics, convs, gen, exp
 
 
 def _mean_over_processes(accelerator, metrics: dict[str, float], device) -> dict[str, float]:
@@ -546,10 +450,7 @@ def _write_samples(
     run: RunDir, step: int, convs, gen: Generation, exp: Experience, tokenizer, console
 ) -> None:
     """Append the step's answers to samples.jsonl and show a few of them."""
-    texts = [
-        tokenizer.decode(r, skip_special_tokens=True)
-        for r in response_token_lists(gen, tokenizer.eos_token_id)
-    ]
+    texts = gen.texts(tokenizer)
     rows = [(conv[-1]["content"], text, s) for conv, text, s in zip(convs, texts, exp.scores.tolist())]
     with open(run.path / "samples.jsonl", "a", encoding="utf-8") as f:
         for prompt, text, s in rows:

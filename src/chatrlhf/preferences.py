@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from chatrlhf.data import DataError, InvalidRecords, Record, check_messages, read_records
+from chatrlhf.oasst import ranked_groups
+from chatrlhf.records import DataError, InvalidRecords, Record, check_messages, parse_file
 
 
 @dataclass
@@ -147,13 +148,17 @@ def from_record(record: Record) -> Ranking:
 
 def load_rankings(source: str, fmt: str = "auto", invalid: InvalidRecords | None = None) -> list[Ranking]:
     """Rankings from any of the supported preference formats."""
-    invalid = invalid or InvalidRecords()
-    records = read_records(source, invalid)
-    if fmt == "oasst" or (fmt == "auto" and records and "message_tree_id" in records[0].data):
-        from chatrlhf.oasst import tree_rankings
+    return parse_file(source, fmt, invalid, from_record, tree_rankings)
 
-        return tree_rankings(source, records, invalid)
-    rankings = invalid.keep(source, records, from_record)
-    if not rankings:
-        raise DataError(f"{source}: no records")
-    return rankings
+
+def tree_rankings(source: str, records: list[Record], invalid: InvalidRecords | None = None) -> list[Ranking]:
+    """Every group of ranked, human-written sibling replies of every OpenAssistant tree, one ranking each."""
+    invalid = invalid or InvalidRecords()
+
+    def rankings(record: Record) -> list[Ranking]:
+        return [check_ranking(Ranking(record.where, *group)) for group in ranked_groups(record)]
+
+    kept = [r for groups in invalid.keep(source, records, rankings) for r in groups]
+    if not kept:
+        raise DataError(f"{source}: no ranked sibling replies in the trees")
+    return kept

@@ -7,19 +7,17 @@ over all PPO steps (the over-optimisation picture of reward-model training).
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import fields
 from pathlib import Path
 
-from chatrlhf.runs import atomic_write_text, read_metrics
+from chatrlhf.eval import EvalResult, headline, summary_markdown
+from chatrlhf.runs import PipelineRun, atomic_write_text, read_metrics, save_figure
 
 
 def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def proxy_vs_gold_plot(out: Path, iterations: int) -> Path | None:
+def proxy_vs_gold_plot(paths: PipelineRun, iterations: int) -> Path | None:
     """Mean proxy (RM) and gold (judge) reward per PPO step, the iterations end to end."""
     import matplotlib
 
@@ -28,7 +26,7 @@ def proxy_vs_gold_plot(out: Path, iterations: int) -> Path | None:
 
     proxy, gold, offset, bounds = [], [], 0, []
     for it in range(1, iterations + 1):
-        rows = read_metrics(out / f"iter{it}" / "ppo")
+        rows = read_metrics(paths.ppo(it))
         steps = [r for r in rows if "ppo/reward" in r]
         proxy += [(offset + r["step"], r["ppo/reward"]) for r in steps]
         gold += [(offset + r["step"], r["ppo/gold_reward"]) for r in steps if "ppo/gold_reward" in r]
@@ -47,7 +45,7 @@ def proxy_vs_gold_plot(out: Path, iterations: int) -> Path | None:
         left.axvline(b, color="grey", linestyle=":", linewidth=1)
     fig.suptitle("proxy vs gold reward of the PPO rollouts")
     fig.tight_layout()
-    return _save_png(fig, out / "proxy_vs_gold.png")
+    return save_figure(fig, paths.root / "proxy_vs_gold.png")
 
 
 MODELS = (
@@ -57,7 +55,7 @@ MODELS = (
 )
 
 
-def success_plot(out: Path, figures: dict) -> Path | None:
+def success_plot(out: Path, result: EvalResult) -> Path | None:
     """InstructGPT's Figure 1 at laptop scale: the every-constraint-met rate of the base, SFT and PPO models
     on the held-out prompts, overall and per kind of constraint, with 95% intervals over prompts."""
     import matplotlib
@@ -65,11 +63,7 @@ def success_plot(out: Path, figures: dict) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates, cis, kinds = (
-        figures.get("success_rate") or {},
-        figures.get("success_ci") or {},
-        figures.get("by_constraints") or {},
-    )
+    rates, cis, kinds = result.success_rate, result.success_ci, result.by_constraints
     if not rates:
         return None
     groups = [("all held-out prompts", {n: (rates[n], cis[n]) for n in rates})]
@@ -92,33 +86,19 @@ def success_plot(out: Path, figures: dict) -> Path | None:
     ax.legend(loc="upper left", fontsize=8)
     fig.suptitle("held-out prompts: base model -> SFT -> PPO (95% intervals over prompts)")
     fig.tight_layout()
-    return _save_png(fig, out / "success_by_model.png")
+    return save_figure(fig, out / "success_by_model.png")
 
 
-def _save_png(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _opening(out: Path, cfg, figures: dict) -> list[str]:
+def _opening(paths: PipelineRun, cfg, result: EvalResult) -> list[str]:
     """The picture first: success of base, SFT and PPO, the headline figures, then proxy vs gold."""
-    from chatrlhf.eval import headline
-
+    out = paths.root
     lines = []
-    picture = success_plot(out, figures) if figures else None
+    picture = success_plot(out, result)
     if picture is not None:
         lines += [f"![base -> SFT -> PPO]({picture.relative_to(out)})", ""]
-    if figures:
-        lines += [f"- {line}" for line in headline(_result(figures, []))]
-        if "kl" in figures:
-            lines.append(f"- KL(PPO ‖ SFT) per answer: {figures['kl']:.3f} nats")
-        lines.append("")
-    gold_plot = proxy_vs_gold_plot(out, cfg.iterations)
+    lines += [f"- {line}" for line in headline(result)]
+    lines += [f"- KL(PPO ‖ SFT) per answer: {result.kl:.3f} nats", ""]
+    gold_plot = proxy_vs_gold_plot(paths, cfg.iterations)
     if gold_plot is not None:
         lines += [
             "Proxy (reward model) against gold (judge) reward of the PPO rollouts, step by step: where the "
@@ -130,17 +110,9 @@ def _opening(out: Path, cfg, figures: dict) -> list[str]:
     return lines
 
 
-def _result(figures: dict, rows: list[dict]):
-    from chatrlhf.eval import EvalResult
-
-    known = {f.name for f in fields(EvalResult)}
-    kept = {k: v for k, v in figures.items() if k in known}  # the stage record adds its wall time
-    return EvalResult(**{**kept, "win_rate_ci": tuple(figures["win_rate_ci"]), "rows": rows})
-
-
-def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
-    from chatrlhf.eval import summary_markdown
-
+def write_report(paths: PipelineRun, cfg, state: dict, result: EvalResult, eval_cfg) -> Path:
+    """`report.md` of the pipeline run in `paths`, from its stage records (`state`) and the final evaluation."""
+    out = paths.root
     stages = state["stages"]
     lines = [
         f"# chatrlhf pipeline report: {out}",
@@ -151,7 +123,7 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
         + f"; seed {cfg.seed}.",
         "",
     ]
-    lines += _opening(out, cfg, figures)
+    lines += _opening(paths, cfg, result)
     lines += [
         "## Stages",
         "",
@@ -187,10 +159,10 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
             "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".",
         ]
     lines += ["", "## Plots", ""]
-    plots = [("SFT", out / "sft" / "sft_curves.png")]
+    plots = [("SFT", paths.sft / "sft_curves.png")]
     for it in range(1, cfg.iterations + 1):
-        plots.append((f"reward model, iteration {it}", out / f"iter{it}" / "rm" / "reward_curves.png"))
-        plots.append((f"PPO, iteration {it}", out / f"iter{it}" / "ppo" / "ppo_curves.png"))
+        plots.append((f"reward model, iteration {it}", paths.rm(it) / "reward_curves.png"))
+        plots.append((f"PPO, iteration {it}", paths.ppo(it) / "ppo_curves.png"))
     for title, path in plots:
         if path.exists():
             lines += [f"### {title}", "", f"![{title}]({path.relative_to(out)})", ""]
@@ -201,10 +173,6 @@ def write_report(out: Path, cfg, state: dict, figures: dict, eval_cfg) -> Path:
         f"--judge {eval_cfg.judge}`",
         "",
     ]
-    if figures:
-        rows_file = out / "eval" / "samples.jsonl"
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-        lines.append(summary_markdown(_result(figures, rows), eval_cfg.judge, eval_cfg.show))
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    lines.append(summary_markdown(result, eval_cfg.judge, eval_cfg.show))
+    atomic_write_text(paths.report, "\n".join(lines) + "\n")
+    return paths.report

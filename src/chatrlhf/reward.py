@@ -12,58 +12,36 @@ the loss is the mean of -log sigmoid(r_w - r_l) over that prompt's pairs; ties m
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from transformers import AttentionInterface, set_seed
+from transformers import set_seed
 
-from chatrlhf.chat import render
-from chatrlhf.config import TrainConfig, help_field
-from chatrlhf.data import DataError, InvalidRecords, load_demonstrations
+from chatrlhf.chat import sequence_ids
+from chatrlhf.configs import RewardConfig, ScoreConfig
+from chatrlhf.data import load_demonstrations
 from chatrlhf.errors import UserError
+from chatrlhf.forward import reward_scores, shared_prompt_scores
+from chatrlhf.harness import check_config
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
     apply_lora,
-    disable_dropout,
+    load_reward_model,
     load_tokenizer,
-    match_tokenizer,
-    own_weights,
     pick_device,
     resolve_model,
     save_model,
     unwrap,
 )
 from chatrlhf.preferences import Ranking, load_rankings
+from chatrlhf.records import DataError, InvalidRecords
 from chatrlhf.runs import data_lineage
-from chatrlhf.training import Stage, check_config, fit
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    """Reward model from rankings, pairs, Anthropic HH text or OpenAssistant trees."""
-
-    output_dir: str = help_field("runs/reward", "where the reward model, metrics and plots go")
-    batch_size: int = help_field(8, "prompts (each with all its K answers) per forward pass")
-    lr: float = help_field(1e-5, "peak learning rate")
-    epochs: float = help_field(1.0, "passes over the rankings; more than one overfits (InstructGPT)")
-    eval_fraction: float = help_field(0.1, "share of prompts held out for accuracy when data.eval is empty")
-    pairs_as_independent: bool = help_field(
-        False, "train on shuffled single pairs instead of one batch element per prompt (for comparison)"
-    )
-    share_prompt: bool = help_field(
-        True,
-        "pack a prompt and its K answers into one row, so the prompt is forwarded once and nothing is padded",
-    )
-    normalize_with: str = help_field(
-        "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
-    )
+from chatrlhf.training import Stage, fit
 
 
 @dataclass
@@ -76,211 +54,6 @@ class RankedItem:
 
 # --------------------------------------------------------------------------------------------------
 # model
-
-
-def load_reward_model(name_or_path: str, tokenizer, device, init_head: bool = False):
-    """A one-label sequence-classification model; a new head is drawn from N(0, 1/sqrt(d+1))."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    if init_head:  # a causal LM has no score head yet: the load report listing it as missing is expected
-        hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, dtype=torch.float32
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    match_tokenizer(model, tokenizer)
-    disable_dropout(model)
-    if init_head:
-        head = model.score if hasattr(model, "score") else model.get_output_embeddings()
-        d = head.weight.shape[1]
-        with torch.no_grad():
-            head.weight.normal_(0.0, 1.0 / math.sqrt(d + 1))
-            if head.bias is not None:
-                head.bias.zero_()
-    return own_weights(model.to(device))
-
-
-def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
-    """Scalar reward of each sequence, read at its last token. Returns (N,); right padding, masked."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return (
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
-    )
-
-
-def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
-    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
-    is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function."""
-    base = unwrap(model)
-    backbone = getattr(base, base.base_model_prefix)
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **attention,
-    )
-    return out.last_hidden_state
-
-
-def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The one-label head on hidden states (..., D) -> (...) in fp32."""
-    base = unwrap(model)
-    return base.score(hidden)[..., 0].float()
-
-
-PACK_LIMIT = 2048  # tokens per packed row: attention over a packed row grows with its length squared
-
-
-def shared_prompt_scores(
-    model, sequences: Sequence[list[int]], pad_id: int, device, limit: int = PACK_LIMIT
-) -> torch.Tensor:
-    """Rewards of K answers to one prompt, forwarding the prompt once (InstructGPT's K-way batching).
-
-    The longest common prefix of the K sequences and the answers after it are packed into one row with no
-    padding: each answer attends to the prefix and to itself, with positions continuing the prefix's.
-    Answers that would make a row longer than `limit` tokens go to another row with its own copy of the
-    prefix. Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's
-    compute K-1 times and every pad token. Returns (K,).
-    """
-    shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
-    for i in range(shared):
-        if any(s[i] != sequences[0][i] for s in sequences):
-            shared = i
-            break
-    if shared == 0:
-        return reward_scores(model, sequences, pad_id, device)
-    rows, row, size = [], [], shared
-    for tail in (s[shared:] for s in sequences):
-        if row and size + len(tail) > limit:
-            rows.append(row)
-            row, size = [], shared
-        row.append(tail)
-        size += len(tail)
-    rows.append(row)
-    prefix = sequences[0][:shared]
-    return torch.cat([_packed_scores(model, prefix, tails, device) for tails in rows])
-
-
-def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> torch.Tensor:
-    """The reward at the end of each tail, for one row of prefix + tails. Returns (len(tails),)."""
-    shared = len(prefix)
-    ids = prefix + [t for tail in tails for t in tail]
-    positions = list(range(shared)) + [shared + j for tail in tails for j in range(len(tail))]
-    segment = torch.tensor(
-        [0] * shared + [k + 1 for k, tail in enumerate(tails) for _ in tail], device=device
-    )
-    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
-    mask = causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = _row_hidden(
-        model,
-        torch.tensor([ids], device=device),
-        mask,
-        torch.tensor([positions], device=device),
-        shared,
-        [len(tail) for tail in tails],
-    )
-    ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
-    return scalar_head(model, hidden[0, ends])
-
-
-def _row_hidden(model, ids, mask, positions, shared: int, lengths: list[int]) -> torch.Tensor:
-    """The packed row's hidden states; under SDPA attention runs per answer segment (`segment_attention`).
-    Not with gradient checkpointing: its recomputation in backward would run outside the switch."""
-    base = unwrap(model)
-    config = base.config
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-    if config._attn_implementation != "sdpa" or checkpointing:
-        return backbone_hidden(model, ids, _attention_mask(model, mask), positions)
-    config._attn_implementation = SEGMENT_ATTENTION
-    try:
-        row = PackedRow.of(shared, lengths, ids.device)
-        return backbone_hidden(model, ids, mask[None, None], positions, packed_row=row)
-    finally:
-        config._attn_implementation = "sdpa"
-
-
-SEGMENT_ATTENTION = "chatrlhf_segments"
-
-
-class PackedRow(NamedTuple):
-    """The layout of one packed row for `segment_attention`: the shared prefix's length, each answer's
-    length, and each answer's (n, shared + n) mask over the prefix and its own tokens, built once per row
-    rather than once per layer."""
-
-    shared: int
-    lengths: list[int]
-    masks: list[torch.Tensor]
-
-    @classmethod
-    def of(cls, shared: int, lengths: list[int], device) -> PackedRow:
-        masks = []
-        for n in lengths:
-            allowed = torch.ones(n, shared + n, dtype=torch.bool, device=device)
-            allowed[:, shared:] = allowed[:, shared:].tril()
-            masks.append(allowed)
-        return cls(shared, lengths, masks)
-
-
-def segment_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_row=None, **kwargs
-):
-    """Attention over a packed row one segment at a time: the prefix's queries attend causally to the
-    prefix, each answer's to the prefix and causally to itself. The same result as the row's full mask
-    without computing the blocks it masks out (answers attending to other answers), which grow with the
-    square of K. query (1, H, L, hd), key and value (1, H_kv, L, hd); returns ((1, L, H, hd), None). Without
-    `packed_row` (a `PackedRow`) it is transformers' SDPA attention.
-
-    The row is cut with `split`, whose backward is one concatenation; slicing it once per segment would make
-    every segment's backward write a zero-filled tensor of the whole row."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if packed_row is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    sizes = [packed_row.shared, *packed_row.lengths]
-    (q0, *qs), (k0, *ks), (v0, *vs) = (t.split(sizes, dim=2) for t in (query, key, value))
-    parts = [sdpa(q0, k0, v0, scale=scaling, is_causal=True, enable_gqa=True)]
-    for q, k, v, allowed in zip(qs, ks, vs, packed_row.masks):
-        keys, values = torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2)
-        parts.append(sdpa(q, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=True))
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
-
-
-def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A custom (1, 1, L, L) mask in the form the model's attention takes: boolean for SDPA, additive for
-    eager attention."""
-    if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
-        dtype = next(unwrap(model).parameters()).dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )[None, None]
-    return allowed[None, None]
-
-
-def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
-    """Prompt + answer rendered by the shared renderer, cut after the answer's end-of-turn token."""
-    rendered = render(
-        tokenizer, prompt + [{"role": "assistant", "content": response}], system_prompt=system_prompt
-    )
-    last = max(i for i, m in enumerate(rendered.assistant_mask) if m)
-    return rendered.input_ids[: last + 1]
 
 
 def tokenize_rankings(
@@ -466,23 +239,24 @@ def _normalizing_export(export, reference, tokenizer, cfg: RewardConfig, device)
 # scoring
 
 
-@dataclass
-class ScoreConfig:
-    model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
-    data: str = help_field("", "rankings or pairs file whose answers are scored")
-    prompt: str = help_field("", "a single prompt to score (with --response)")
-    response: list[str] = help_field([], "answers to --prompt (repeat the flag for several)")
-    batch_size: int = help_field(8, "sequences per forward pass")
-    max_length: int = help_field(2048, "longest sequence scored")
-
-
-def score_rankings(model_path: str, rankings: Sequence[Ranking], batch_size: int = 8) -> list[list[float]]:
-    """Reward of every answer of every ranking (the stored normalisation bias added)."""
+def score_rankings(
+    model_path: str, rankings: Sequence[Ranking], batch_size: int = 8, max_length: int = 0
+) -> list[list[float]]:
+    """Reward of every answer of every ranking (the stored normalisation bias added). A prompt and answer
+    longer than `max_length` tokens (0: no limit) stop with an error naming the record."""
     tokenizer = load_tokenizer(model_path)
+    seqs = []
+    for r in rankings:
+        for k, resp in enumerate(r.responses):
+            seqs.append(sequence_ids(tokenizer, r.prompt, resp))
+            if max_length and len(seqs[-1]) > max_length:
+                raise DataError(
+                    f"{r.where}: field `responses[{k}]`: {len(seqs[-1])} tokens with the prompt, more than "
+                    f"max_length={max_length}"
+                )
     device = pick_device()
     model = load_reward_model(model_path, tokenizer, device).eval()
     bias = float(getattr(model.config, "reward_bias", 0.0) or 0.0)
-    seqs = [sequence_ids(tokenizer, r.prompt, resp) for r in rankings for resp in r.responses]
     with torch.no_grad():
         flat = [
             float(x) + bias
@@ -513,7 +287,7 @@ def score(cfg: ScoreConfig) -> list[list[float]]:
         ]
     else:
         raise UserError("give --data FILE, or --prompt TEXT with one or more --response TEXT")
-    results = score_rankings(resolve_model(cfg.model), rankings, cfg.batch_size)
+    results = score_rankings(resolve_model(cfg.model), rankings, cfg.batch_size, cfg.max_length)
     for r, scores in zip(rankings, results):
         print(json.dumps({"prompt": r.prompt[-1]["content"], "responses": r.responses, "scores": scores}))
     return results

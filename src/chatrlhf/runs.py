@@ -220,9 +220,44 @@ def plot_metrics(run: RunDir, keys: list[str], filename: str, title: str) -> Pat
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    out = run.path / filename
-    tmp = out.with_name("." + out.name + ".tmp.png")
+    return save_figure(fig, run.path / filename)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written whole or not at all; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    os.replace(tmp, path)
+    return path
+
+
+class PipelineRun:
+    """Where each stage of a pipeline run writes, spelled once for the pipeline and its report:
+
+    pipeline.json  pipeline_config.json  labels.db  report.md
+    sft/  iter{N}/rankings.jsonl  iter{N}/rm/  iter{N}/ppo/  eval/
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.state = self.root / "pipeline.json"  # which stages are done, with their figures
+        self.config = self.root / "pipeline_config.json"
+        self.db = self.root / "labels.db"
+        self.sft = self.root / "sft"
+        self.eval = self.root / "eval"
+        self.report = self.root / "report.md"
+
+    def iteration(self, it: int) -> Path:
+        return self.root / f"iter{it}"
+
+    def rankings(self, it: int) -> Path:
+        return self.iteration(it) / "rankings.jsonl"
+
+    def rm(self, it: int) -> Path:
+        return self.iteration(it) / "rm"
+
+    def ppo(self, it: int) -> Path:
+        return self.iteration(it) / "ppo"

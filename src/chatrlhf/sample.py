@@ -18,29 +18,13 @@ from rich.console import Console
 from rich.progress import Progress
 
 from chatrlhf.chat import prompt_ids
-from chatrlhf.config import help_field
-from chatrlhf.data import Conversation, DataError, load_prompts
+from chatrlhf.configs import SampleConfig
+from chatrlhf.data import load_prompts
 from chatrlhf.errors import UserError
-from chatrlhf.generation import SamplingConfig, generate, response_token_lists
+from chatrlhf.generation import SamplingConfig, generate
+from chatrlhf.harness import autocast
 from chatrlhf.models import resolve_dtype
-from chatrlhf.training import autocast
-
-
-@dataclass
-class SampleConfig:
-    prompts: str = help_field("", "prompts file: {'prompt': str | messages} or {'messages': [...]} per line")
-    k: int = help_field(4, "answers per prompt (K)")
-    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
-    model: str = help_field("", "model to sample from; empty for the default SmolLM2-135M-Instruct")
-    max_new_tokens: int = help_field(128, "longest answer in tokens")
-    temperature: float = help_field(1.0, "sampling temperature (InstructGPT samples at 1)")
-    top_p: float = help_field(1.0, "nucleus sampling threshold")
-    top_k: int = help_field(0, "sample among the k most likely tokens; 0 is off")
-    labels_per_task: int = help_field(1, "distinct labelers wanted for each task")
-    batch_prompts: int = help_field(8, "prompts per generation batch (each gives K rows)")
-    max_tries: int = help_field(4, "rounds of redrawing answers that repeat another")
-    system_prompt: str = help_field("", "system turn added before each prompt that has none")
-    seed: int = help_field(0, "random seed")
+from chatrlhf.records import Conversation, DataError
 
 
 def check_config(cfg: SampleConfig) -> None:
@@ -89,8 +73,7 @@ def draw(
                 tokenizer.pad_token_id,
                 generator,
             )
-        for i, ids in zip(rows, response_token_lists(gen, tokenizer.eos_token_id)):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        for i, text in zip(rows, (text.strip() for text in gen.texts(tokenizer))):
             if text and text not in drawn[i].answers and len(drawn[i].answers) < k:
                 drawn[i].answers.append(text)
                 drawn[i].seeds.append(batch_seed)

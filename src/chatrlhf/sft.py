@@ -10,14 +10,12 @@ padding never pay for the full-vocabulary projection.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 
-import torch
 from transformers import set_seed
 
-from chatrlhf.config import PretrainConfig, SFTConfig, TrainConfig
+from chatrlhf.configs import PretrainConfig, SFTConfig, TrainConfig
 from chatrlhf.data import (
-    InvalidRecords,
     Sample,
     chunk_stream,
     load_demonstrations,
@@ -26,6 +24,8 @@ from chatrlhf.data import (
     tokenize_conversations,
     tokenize_texts,
 )
+from chatrlhf.forward import collate, target_logits
+from chatrlhf.harness import check_config
 from chatrlhf.losses import token_nll
 from chatrlhf.models import (
     apply_lora,
@@ -34,48 +34,10 @@ from chatrlhf.models import (
     pick_device,
     resolve_model,
     save_model,
-    unwrap,
 )
+from chatrlhf.records import InvalidRecords
 from chatrlhf.runs import data_lineage
-from chatrlhf.training import Stage, check_config, fit
-
-
-def collate(samples: Sequence[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad samples into a batch.
-
-    Returns input_ids, position_ids, targets (B, T): targets[b, t] is the token at t+1 when it carries
-    loss, else -100. Padding restarts the position ids, so it forms its own segment and the model's
-    packed-sequence masking keeps real tokens from attending to it (no attention mask needed).
-    """
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(samples), width), dtype=torch.long)
-    targets = torch.full((len(samples), width), -100, dtype=torch.long)
-    for b, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[b, :n] = torch.tensor(s.input_ids)
-        pos = torch.tensor(s.position_ids)
-        positions[b, :n] = pos
-        positions[b, n:] = torch.arange(width - n)
-        # a token is a target when it carries loss and does not start a new packed sample
-        is_target = torch.tensor(s.loss_mask[1:], dtype=torch.bool) & (pos[1:] != 0)
-        targets[b, : n - 1] = torch.where(is_target, ids[b, 1:n], torch.full_like(ids[b, 1:n], -100))
-    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "targets": targets.to(device)}
-
-
-def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the N positions that have a target, and those targets (N,)."""
-    base = unwrap(model)
-    select = batch["targets"] != -100
-    if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
-        logits = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits
-        return logits[select], batch["targets"][select]
-    hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-    ).last_hidden_state
-    return base.get_output_embeddings()(hidden[select]), batch["targets"][select]
+from chatrlhf.training import Stage, fit
 
 
 def _lm_stage(name: str, tokenizer, device, lineage: dict, plots: list[str]) -> Stage:
@@ -117,56 +79,48 @@ def _lm_stage(name: str, tokenizer, device, lineage: dict, plots: list[str]) -> 
     )
 
 
-def _prepare_model(cfg: TrainConfig, tokenizer, model_path: str):
+def _fit_lm(
+    name: str, cfg: TrainConfig, rows_of: Callable, on_step, packing: bool = False
+) -> dict[str, float]:
+    """Check the config, tokenize the data with `rows_of(source, tokenizer, invalid)` (training rows packed
+    with `packing`), load the model (with LoRA when configured) and train it."""
+    check_config(cfg)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    d = cfg.data
+    invalid = InvalidRecords(d.on_invalid)
+    train_items = rows_of(d.train, tokenizer, invalid)
+    eval_items = rows_of(d.eval, tokenizer, invalid) if d.eval else []
+    if packing:
+        train_items = pack(train_items, d.max_length)
     set_seed(cfg.seed)
     model = load_causal_lm(model_path, tokenizer, pick_device())
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    return model
+    lineage = {
+        "parent": model_path,
+        "data": data_lineage(d.train, d.eval),
+        "invalid_records": invalid.summary(),
+    }
+    stage = _lm_stage(name, tokenizer, pick_device(), lineage, ["train/loss", "eval/loss", "train/lr"])
+    return fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
 
 
 def train(cfg: SFTConfig, on_step=None) -> dict[str, float]:
     """Fine-tune on demonstrations; every record is validated before anything is written."""
-    check_config(cfg)
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
     d = cfg.data
-    invalid = InvalidRecords(d.on_invalid)
 
-    def samples(source: str) -> list[Sample]:
+    def samples(source: str, tokenizer, invalid) -> list[Sample]:
         conversations = load_demonstrations(source, d.format, invalid)
         return tokenize_conversations(conversations, tokenizer, d.max_length, d.truncation, d.system_prompt)
 
-    train_samples = samples(d.train)
-    eval_samples = samples(d.eval) if d.eval else []
-    if d.packing:
-        train_samples = pack(train_samples, d.max_length)
-    model = _prepare_model(cfg, tokenizer, model_path)
-    lineage = {
-        "parent": model_path,
-        "data": data_lineage(d.train, d.eval),
-        "invalid_records": invalid.summary(),
-    }
-    stage = _lm_stage("sft", tokenizer, pick_device(), lineage, ["train/loss", "eval/loss", "train/lr"])
-    return fit(cfg, stage, model, train_samples, eval_samples, on_step=on_step)
+    return _fit_lm("sft", cfg, samples, on_step, packing=d.packing)
 
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> dict[str, float]:
     """Causal-LM training on raw text, packed into rows of data.max_length; every token is a target."""
-    check_config(cfg)
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    d = cfg.data
-    invalid = InvalidRecords(d.on_invalid)
-    train_rows = chunk_stream(tokenize_texts(load_texts(d.train, invalid), tokenizer), d.max_length)
-    eval_rows = (
-        chunk_stream(tokenize_texts(load_texts(d.eval, invalid), tokenizer), d.max_length) if d.eval else []
-    )
-    model = _prepare_model(cfg, tokenizer, model_path)
-    lineage = {
-        "parent": model_path,
-        "data": data_lineage(d.train, d.eval),
-        "invalid_records": invalid.summary(),
-    }
-    stage = _lm_stage("pretrain", tokenizer, pick_device(), lineage, ["train/loss", "eval/loss", "train/lr"])
-    return fit(cfg, stage, model, train_rows, eval_rows, on_step=on_step)
+
+    def rows(source: str, tokenizer, invalid) -> list[Sample]:
+        return chunk_stream(tokenize_texts(load_texts(source, invalid), tokenizer), cfg.data.max_length)
+
+    return _fit_lm("pretrain", cfg, rows, on_step)

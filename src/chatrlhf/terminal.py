@@ -10,22 +10,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from chatrlhf.chat import prompt_ids
-from chatrlhf.config import help_field
+from chatrlhf.configs import ChatConfig
 from chatrlhf.generation import SamplingConfig
 from chatrlhf.serve.engine import Engine, Request
-
-
-@dataclass
-class ChatConfig:
-    model: str = help_field("", "checkpoint to chat with; empty for the default model")
-    system: str = help_field("", "system prompt (empty: the chat template's default)")
-    temperature: float = help_field(0.7, "sampling temperature; 0 is greedy")
-    top_p: float = help_field(1.0, "nucleus sampling")
-    max_new_tokens: int = help_field(256, "longest answer in tokens")
 
 
 def reply(engine: Engine, tokenizer, messages: list[dict], cfg: ChatConfig, out=sys.stdout) -> str:

@@ -16,26 +16,11 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from chatrlhf.config import help_field
+from chatrlhf.configs import LabelAutoConfig
 from chatrlhf.errors import UserError
 from chatrlhf.judges import make_judge, noisy_ranks, unconstrained
 
 MAX_LABELERS = 64
-
-
-@dataclass
-class LabelAutoConfig:
-    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
-    judge: str = help_field("rule", "rule | reference | rm | llm")
-    noise: float = help_field(0.0, "std of the Gaussian noise added to judge scores (0: deterministic)")
-    tie_margin: float = help_field(
-        0.0, 'answers whose noisy scores are within this of the next better one tie ("equally good")'
-    )
-    labelers: int = help_field(0, "simulated labelers; 0 for as many as the tasks want (labels_per_task)")
-    judge_model: str = help_field("", "rm: the reward model checkpoint; llm: the model name at the endpoint")
-    llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
-    seed: int = help_field(0, "random seed of the labelers' noise")
 
 
 @dataclass

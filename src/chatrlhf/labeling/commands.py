@@ -8,37 +8,10 @@ chatrlhf label export --db labels.db --out rankings.jsonl  # then: chatrlhf rewa
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-from chatrlhf.config import help_field
+from chatrlhf.configs import LabelerAddConfig, LabelExportConfig, LabelServeConfig
 from chatrlhf.errors import UserError
-
-DB_HELP = "labeling database: a SQLite file (path or sqlite:///x.db) or postgresql://user@host:port/db"
-
-
-@dataclass
-class LabelServeConfig:
-    db: str = help_field("labels.db", DB_HELP)
-    host: str = help_field("127.0.0.1", "address to listen on (0.0.0.0 for labelers on other machines)")
-    port: int = help_field(8100, "port to listen on")
-
-
-@dataclass
-class LabelerAddConfig:
-    name: str = help_field("", "the new labeler's name (unique)")
-    db: str = help_field("labels.db", DB_HELP)
-    admin: bool = help_field(False, "may see progress and agreement, add labelers and export")
-
-
-@dataclass
-class LabelExportConfig:
-    db: str = help_field("labels.db", DB_HELP)
-    out: str = help_field("rankings.jsonl", "JSONL file to write, in the reward stage's rankings format")
-    per_labeler: bool = help_field(
-        False, "one record per submission instead of ranks aggregated across labelers"
-    )
-    min_labels: int = help_field(1, "leave out tasks ranked by fewer labelers than this")
 
 
 def serve(cfg: LabelServeConfig) -> None:

@@ -46,8 +46,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, relationship
 
-from chatrlhf.data import DataError, check_messages
 from chatrlhf.errors import UserError
+from chatrlhf.records import DataError, check_messages
 
 FLAGS = ("fails_instruction", "false_information", "harmful", "other")
 SCORE_RANGE = (1, 7)

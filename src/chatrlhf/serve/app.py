@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,25 +24,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from chatrlhf.chat import prompt_ids
-from chatrlhf.config import help_field
+from chatrlhf.configs import ServeConfig
 from chatrlhf.generation import SamplingConfig
 from chatrlhf.serve.engine import Engine
 from chatrlhf.serve.engine import Request as EngineRequest
 
 PAGE = Path(__file__).with_name("page.html")
-
-
-@dataclass
-class ServeConfig:
-    model: str = help_field("", "checkpoint to serve (path or hub id); empty for the default model")
-    host: str = help_field("127.0.0.1", "address to listen on")
-    port: int = help_field(8000, "port to listen on")
-    api_key: str = help_field("", "require `Authorization: Bearer KEY` on /v1 routes; empty: no key")
-    served_name: str = help_field("", "model id clients use; empty: the checkpoint folder's name")
-    max_batch: int = help_field(8, "most answers generated together")
-    max_tokens: int = help_field(1024, "largest max_tokens a request may ask for")
-    max_prompt_tokens: int = help_field(4096, "longest prompt accepted")
-    system_prompt: str = help_field("", "system turn for conversations that have none")
 
 
 class Message(BaseModel):
@@ -103,25 +89,7 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
     app = FastAPI(title="chatrlhf", version="0.1.0")
     engine = Engine(model, tokenizer, cfg.max_batch)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(e.status, "invalid_request_error")
-        kind = "server_error" if e.status >= 500 else kind
-        return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        message = first["msg"] if param is None else f"{param}: {first['msg']}"
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception):
-        # a bug of the server's own: still OpenAI's error body (uvicorn logs the traceback)
-        message = f"the server failed on this request ({type(e).__name__}); it logged the details"
-        return JSONResponse(error_body(message, "server_error"), status_code=500)
+    _install_error_handlers(app)
 
     def check_key(request: Request) -> None:
         if cfg.api_key and request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
@@ -148,34 +116,7 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        try:
-            req = ChatRequest.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-        if req.model != name:
-            raise APIError(
-                404,
-                f"model {req.model!r} does not exist; this server serves {name!r}",
-                "model",
-                "model_not_found",
-            )
-        max_new = req.max_completion_tokens or req.max_tokens or min(256, cfg.max_tokens)
-        if max_new > cfg.max_tokens:
-            raise APIError(400, f"max_tokens: at most {cfg.max_tokens} on this server", "max_tokens")
-        ids = prompt_ids(tokenizer, [m.model_dump() for m in req.messages], cfg.system_prompt)
-        if len(ids) > cfg.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the conversation is {len(ids)} tokens, more than this server's {cfg.max_prompt_tokens}",
-                "messages",
-                "context_length_exceeded",
-            )
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p)
+        req, ids, sampling, stops = await _read_request(request, cfg, tokenizer, name)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         events: asyncio.Queue = asyncio.Queue()
@@ -208,41 +149,111 @@ def create_app(cfg: ServeConfig, model, tokenizer, name: str) -> FastAPI:
                 ),
                 media_type="text/event-stream",
             )
-        texts = [""] * req.n
-        reasons: list[str] = [""] * req.n
-        counts = [0] * req.n
-        finished = 0
-        while finished < req.n:
-            kind, choice, payload = await _next_event(events, engine_request)
-            if kind == "error":
-                raise APIError(500, _failure(payload))
-            if kind == "text":
-                texts[choice] += payload
-            else:
-                reasons[choice], counts[choice] = payload
-                finished += 1
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": texts[i]},
-                    "finish_reason": reasons[i],
-                    "logprobs": None,
-                }
-                for i in range(req.n)
-            ],
-            "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": sum(counts),
-                "total_tokens": len(ids) + sum(counts),
-            },
-        }
+        texts, reasons, counts = await _collect(events, engine_request, req.n)
+        return _completion(completion_id, created, name, texts, reasons, len(ids), counts)
 
     return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every failure answers in OpenAI's error format: the API's own errors with their status, a malformed
+    request with 400 naming the field, and anything unexpected with 500."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(e.status, "invalid_request_error")
+        kind = "server_error" if e.status >= 500 else kind
+        return JSONResponse(error_body(e.message, kind, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        # a bug of the server's own: still OpenAI's error body (uvicorn logs the traceback)
+        message = f"the server failed on this request ({type(e).__name__}); it logged the details"
+        return JSONResponse(error_body(message, "server_error"), status_code=500)
+
+
+async def _read_request(
+    request: Request, cfg: ServeConfig, tokenizer, name: str
+) -> tuple[ChatRequest, list[int], SamplingConfig, list[str]]:
+    """The validated request, its prompt's token ids, its sampling settings and stop strings; an
+    `APIError` (4xx) naming what is wrong otherwise."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    if req.model != name:
+        raise APIError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {name!r}",
+            "model",
+            "model_not_found",
+        )
+    max_new = req.max_completion_tokens or req.max_tokens or min(256, cfg.max_tokens)
+    if max_new > cfg.max_tokens:
+        raise APIError(400, f"max_tokens: at most {cfg.max_tokens} on this server", "max_tokens")
+    ids = prompt_ids(tokenizer, [m.model_dump() for m in req.messages], cfg.system_prompt)
+    if len(ids) > cfg.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the conversation is {len(ids)} tokens, more than this server's {cfg.max_prompt_tokens}",
+            "messages",
+            "context_length_exceeded",
+        )
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p)
+    return req, ids, sampling, stops
+
+
+async def _collect(
+    events: asyncio.Queue, engine_request: EngineRequest, n: int
+) -> tuple[list[str], list[str], list[int]]:
+    """Every choice's text, finish reason and token count, once all `n` are done."""
+    texts, reasons, counts = [""] * n, [""] * n, [0] * n
+    finished = 0
+    while finished < n:
+        kind, choice, payload = await _next_event(events, engine_request)
+        if kind == "error":
+            raise APIError(500, _failure(payload))
+        if kind == "text":
+            texts[choice] += payload
+        else:
+            reasons[choice], counts[choice] = payload
+            finished += 1
+    return texts, reasons, counts
+
+
+def _completion(completion_id, created, name, texts, reasons, prompt_tokens: int, counts) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": name,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+            for i, (text, reason) in enumerate(zip(texts, reasons))
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(counts),
+            "total_tokens": prompt_tokens + sum(counts),
+        },
+    }
 
 
 async def _next_event(events: asyncio.Queue, engine_request: EngineRequest) -> tuple:

@@ -1,0 +1,357 @@
+"""Every command's configuration, in one place: the YAML schema and the command line of each stage.
+
+A config is a dataclass whose fields are the keys (nested dataclasses are nested mappings); `config.py` reads
+them from YAML and `--dotted.key value` overrides. Only the standard library is imported here, so the pipeline,
+the demo and `chatrlhf --help` import these without loading any stage (or torch).
+
+    shared          DataConfig, LoraConfig, TrainConfig
+    stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig
+    around them     SampleConfig, LabelAutoConfig, EvalConfig, PipelineConfig, DemoConfig
+    serving         ChatConfig, ServeConfig, LabelServeConfig, LabelerAddConfig, LabelExportConfig
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatrlhf.config import help_field
+
+DB_HELP = "labeling database: a SQLite file (path or sqlite:///x.db) or postgresql://user@host:port/db"
+
+
+# --------------------------------------------------------------------------------------------------
+# shared by every training stage
+
+
+@dataclass
+class DataConfig:
+    train: str = help_field("", "training data: a .jsonl/.json/.parquet/.txt file or a `datasets` hub name")
+    eval: str = help_field("", "held-out data in the same format (optional)")
+    format: str = help_field(
+        "auto", "record format: auto | messages | prompt_completion | oasst | text (auto looks at the fields)"
+    )
+    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
+    truncation: bool = help_field(
+        False, "cut samples longer than max_length instead of stopping with an error"
+    )
+    packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
+    on_invalid: str = help_field(
+        "stop",
+        "a record that fails validation: stop (naming file, line and field) | skip (leave it out, count it, "
+        "record why in run.json)",
+    )
+    shuffle: bool = help_field(True, "shuffle the training samples every epoch (seeded)")
+    system_prompt: str = help_field(
+        "", "system turn added to conversations that have none (empty: the chat template's own default)"
+    )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = help_field(0, "LoRA rank; 0 means LoRA is off and all weights train")
+    alpha: float = help_field(16.0, "LoRA scaling alpha")
+    dropout: float = help_field(0.0, "dropout on the LoRA input")
+    targets: list[str] = help_field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "names of the linear modules that get adapters",
+    )
+    layers: int = help_field(
+        0, "adapters only in the last N transformer layers, so backward stops below them; 0 means every layer"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training stage shares."""
+
+    model: str = help_field(
+        "", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct"
+    )
+    data: DataConfig = help_field(DataConfig(), "data files")
+    output_dir: str = help_field("runs/sft", "where the checkpoint, metrics and plots go")
+    max_steps: int = help_field(0, "optimizer steps; 0 means run `epochs` over the data")
+    epochs: float = help_field(1.0, "passes over the training data when max_steps is 0")
+    batch_size: int = help_field(8, "samples per forward pass (per process)")
+    grad_accum: int = help_field(1, "forward passes accumulated into one optimizer step")
+    lr: float = help_field(2e-5, "peak learning rate")
+    weight_decay: float = help_field(0.0, "AdamW weight decay")
+    warmup_ratio: float = help_field(0.03, "fraction of the steps with linear warmup before the cosine decay")
+    lr_scheduler: str = help_field("cosine", "learning-rate decay after warmup: cosine | linear | constant")
+    min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr (cosine)")
+    max_grad_norm: float = help_field(1.0, "gradient clipping norm; 0 turns clipping off")
+    seed: int = help_field(1234, "random seed of data order and initialisation")
+    dtype: str = help_field(
+        "auto",
+        "fp32 | bf16 | auto (bf16 on CUDA, and on a CPU where a timed matmul shows it faster than fp32)",
+    )
+    lora: LoraConfig = help_field(LoraConfig(), "LoRA adapters (peft); rank 0 is off")
+    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
+    resume: bool = help_field(False, "continue from the last complete checkpoint in output_dir")
+    save_every: int = help_field(100, "steps between resumable checkpoints; 0 saves only at the end")
+    keep_checkpoints: int = help_field(2, "resumable checkpoints kept on disk")
+    eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
+    log_every: int = help_field(1, "steps between metric lines")
+    report_to: list[str] = help_field(
+        [], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)"
+    )
+    overwrite: bool = help_field(False, "replace a finished run in output_dir instead of stopping")
+
+
+# --------------------------------------------------------------------------------------------------
+# the training stages
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on demonstrations: loss on assistant tokens only."""
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Causal-LM training on raw text (stage 0), packed into rows of data.max_length."""
+
+    output_dir: str = help_field("runs/pretrain", "where the checkpoint, metrics and plots go")
+    lr: float = help_field(5e-5, "peak learning rate")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward model from rankings, pairs, Anthropic HH text or OpenAssistant trees."""
+
+    output_dir: str = help_field("runs/reward", "where the reward model, metrics and plots go")
+    batch_size: int = help_field(8, "prompts (each with all its K answers) per forward pass")
+    lr: float = help_field(1e-5, "peak learning rate")
+    epochs: float = help_field(1.0, "passes over the rankings; more than one overfits (InstructGPT)")
+    eval_fraction: float = help_field(0.1, "share of prompts held out for accuracy when data.eval is empty")
+    pairs_as_independent: bool = help_field(
+        False, "train on shuffled single pairs instead of one batch element per prompt (for comparison)"
+    )
+    share_prompt: bool = help_field(
+        True,
+        "pack a prompt and its K answers into one row, so the prompt is forwarded once and nothing is padded",
+    )
+    normalize_with: str = help_field(
+        "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
+    )
+
+
+@dataclass
+class ScoreConfig:
+    model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
+    data: str = help_field("", "rankings or pairs file whose answers are scored")
+    prompt: str = help_field("", "a single prompt to score (with --response)")
+    response: list[str] = help_field([], "answers to --prompt (repeat the flag for several)")
+    batch_size: int = help_field(8, "sequences per forward pass")
+    max_length: int = help_field(2048, "longest sequence scored")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO against a reward model; `data.train` is the prompts file, `max_steps` counts PPO steps."""
+
+    output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
+    reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
+    value_model: str = help_field("", "value model start; empty: the reward model (InstructGPT)")
+    reference_model: str = help_field(
+        "",
+        "frozen model of the KL penalty; empty: the starting policy (set it to the SFT model when PPO "
+        "continues from an earlier PPO policy)",
+    )
+    batch_size: int = help_field(8, "prompts per PPO step")
+    samples_per_prompt: int = help_field(
+        1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"
+    )
+    advantage_estimator: str = help_field(
+        "gae",
+        "gae: a value model and GAE (InstructGPT) | rloo: each answer's return minus the mean return of "
+        "the other answers to its prompt, no value model (needs samples_per_prompt >= 2)",
+    )
+    lr: float = help_field(3e-6, "peak learning rate of policy and value")
+    warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
+    lr_scheduler: str = help_field("linear", "learning-rate decay: cosine | linear | constant")
+    save_every: int = help_field(20, "PPO steps between resumable checkpoints; 0 saves only at the end")
+    max_prompt_length: int = help_field(512, "longest prompt in tokens; a longer one stops the run")
+    max_new_tokens: int = help_field(64, "longest answer in tokens")
+    temperature: float = help_field(1.0, "sampling temperature, also used when log-probs are recomputed")
+    top_p: float = help_field(1.0, "nucleus sampling")
+    top_k: int = help_field(0, "top-k sampling; 0 is off")
+    min_new_tokens: int = help_field(0, "EOS is suppressed until an answer has this many tokens")
+    ppo_epochs: int = help_field(4, "passes over each batch of rollouts")
+    minibatches: int = help_field(1, "optimizer steps per pass over the rollouts")
+    clip_range: float = help_field(0.2, "PPO ratio clip")
+    value_clip: float = help_field(0.2, "value-function clip around the rollout values")
+    vf_coef: float = help_field(0.1, "weight of the value loss")
+    gamma: float = help_field(1.0, "discount")
+    lam: float = help_field(0.95, "GAE lambda")
+    kl_coef: float = help_field(0.02, "beta, the per-token KL penalty weight (InstructGPT 0.02)")
+    kl_estimator: str = help_field("k1", "per-token KL estimator: k1 | k3")
+    target_kl: float = help_field(0.0, "adaptive beta toward this KL per answer (0 keeps beta fixed)")
+    kl_horizon: int = help_field(10000, "horizon of the adaptive KL controller, in episodes")
+    missing_eos_penalty: float = help_field(0.0, "subtracted from the score of answers cut at max_new_tokens")
+    reward_clip: float = help_field(0.0, "clip scores to [-c, c]; 0 is off")
+    whiten_rewards: bool = help_field(False, "whiten per-token rewards within the batch")
+    whiten_advantages: bool = help_field(True, "whiten advantages within the batch")
+    ptx_coef: float = help_field(0.0, "PPO-ptx: weight of the pretraining loss (InstructGPT 27.8)")
+    ptx_data: str = help_field("", "PPO-ptx text: {'text'} JSONL or .txt")
+    ptx_batch_size: int = help_field(4, "pretraining rows per optimizer step")
+    ptx_max_length: int = help_field(256, "tokens per pretraining row")
+    ema_decay: float = help_field(
+        0.0, "exponential moving average of the policy weights, exported instead; 0 is off"
+    )
+    sample_every: int = help_field(10, "steps between sample tables (samples.jsonl)")
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling, labeling, evaluation and the whole loop
+
+
+@dataclass
+class SampleConfig:
+    prompts: str = help_field("", "prompts file: {'prompt': str | messages} or {'messages': [...]} per line")
+    k: int = help_field(4, "answers per prompt (K)")
+    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
+    model: str = help_field("", "model to sample from; empty for the default SmolLM2-135M-Instruct")
+    max_new_tokens: int = help_field(128, "longest answer in tokens")
+    temperature: float = help_field(1.0, "sampling temperature (InstructGPT samples at 1)")
+    top_p: float = help_field(1.0, "nucleus sampling threshold")
+    top_k: int = help_field(0, "sample among the k most likely tokens; 0 is off")
+    labels_per_task: int = help_field(1, "distinct labelers wanted for each task")
+    batch_prompts: int = help_field(8, "prompts per generation batch (each gives K rows)")
+    max_tries: int = help_field(4, "rounds of redrawing answers that repeat another")
+    system_prompt: str = help_field("", "system turn added before each prompt that has none")
+    seed: int = help_field(0, "random seed")
+
+
+@dataclass
+class LabelAutoConfig:
+    db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
+    judge: str = help_field("rule", "rule | reference | rm | llm")
+    noise: float = help_field(0.0, "std of the Gaussian noise added to judge scores (0: deterministic)")
+    tie_margin: float = help_field(
+        0.0, 'answers whose noisy scores are within this of the next better one tie ("equally good")'
+    )
+    labelers: int = help_field(0, "simulated labelers; 0 for as many as the tasks want (labels_per_task)")
+    judge_model: str = help_field("", "rm: the reward model checkpoint; llm: the model name at the endpoint")
+    llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
+    seed: int = help_field(0, "random seed of the labelers' noise")
+
+
+@dataclass
+class EvalConfig:
+    policy: str = help_field("", "the model being evaluated (a checkpoint folder or hub id)")
+    baseline: str = help_field("", "the model it is compared with, e.g. the SFT checkpoint")
+    base: str = help_field(
+        "", "the starting model before SFT, whose answers are scored too (optional; 'default' for SmolLM2)"
+    )
+    prompts: str = help_field("", "held-out prompts file (extra fields such as `reference` reach the judge)")
+    judge: str = help_field(
+        "", "rule | reference | rm | llm; empty: rule (in a pipeline: the simulated labeler's `label.judge`)"
+    )
+    judge_model: str = help_field("", "rm: the gold reward model; llm: the model name at the endpoint")
+    llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
+    reward_model: str = help_field("", "a reward model whose mean scores are reported too (optional)")
+    samples: int = help_field(1, "answers per prompt from each model")
+    max_new_tokens: int = help_field(128, "longest answer in tokens")
+    temperature: float = help_field(0.0, "0 is greedy; above 0 samples")
+    top_p: float = help_field(1.0, "nucleus sampling threshold when sampling")
+    batch_size: int = help_field(16, "prompts per generation batch")
+    seed: int = help_field(0, "random seed (sampling and the bootstrap)")
+    output: str = help_field("", "folder for eval.json, eval.md and samples.jsonl; empty only prints")
+    show: int = help_field(8, "side-by-side rows in the printed table")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = help_field("runs/pipeline", "where every stage, the labeling DB and report.md go")
+    model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
+    demonstrations: str = help_field("", "SFT demonstrations file")
+    prompts: str = help_field("", "prompts to sample answers for ranking and to run PPO on")
+    eval_prompts: str = help_field("", "held-out prompts for the final evaluation")
+    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    labeler: str = help_field(
+        "auto", "auto (a simulated labeler with `label.judge`) | human (the ranking app)"
+    )
+    db: str = help_field("", "labeling database; empty: labels.db in output_dir")
+    min_rankings: int = help_field(0, "human labeling: ranked tasks needed to go on; 0: every sampled task")
+    seed: int = help_field(1234, "seed of every stage")
+    resume: bool = help_field(False, "skip the finished stages of an earlier run in output_dir")
+    overwrite: bool = help_field(False, "delete an earlier run in output_dir and start again")
+    sample: SampleConfig = help_field(SampleConfig(), "sampling for ranking (prompts, db, model are set)")
+    label: LabelAutoConfig = help_field(LabelAutoConfig(), "the simulated labeler: judge, noise (db is set)")
+    sft: SFTConfig = help_field(SFTConfig(), "stage 1 settings (model, data.train, output_dir are set)")
+    reward: RewardConfig = help_field(RewardConfig(), "stage 2 settings (starts from the SFT model)")
+    ppo: PPOConfig = help_field(PPOConfig(), "stage 3 settings (policy, reference, reward model are set)")
+    eval: EvalConfig = help_field(EvalConfig(), "final evaluation (policy, baseline, prompts are set)")
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = help_field("runs/demo", "where the demo's stages and report go")
+    model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
+    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
+    sft_steps: int = help_field(24, "SFT optimizer steps (two passes over the demonstrations)")
+    k: int = help_field(6, "answers per prompt to rank")
+    noise: float = help_field(0.05, "the simulated labeler's noise")
+    tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
+    rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
+    ppo_steps: int = help_field(15, "PPO steps per iteration, each 8 prompts x 4 answers")
+    max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
+    seed: int = help_field(1234, "random seed")
+    resume: bool = help_field(False, "continue an interrupted demo in output_dir")
+
+
+# --------------------------------------------------------------------------------------------------
+# chat, serving and the ranking app
+
+
+@dataclass
+class ChatConfig:
+    model: str = help_field("", "checkpoint to chat with; empty for the default model")
+    system: str = help_field("", "system prompt (empty: the chat template's default)")
+    temperature: float = help_field(0.7, "sampling temperature; 0 is greedy")
+    top_p: float = help_field(1.0, "nucleus sampling")
+    max_new_tokens: int = help_field(256, "longest answer in tokens")
+
+
+@dataclass
+class ServeConfig:
+    model: str = help_field("", "checkpoint to serve (path or hub id); empty for the default model")
+    host: str = help_field("127.0.0.1", "address to listen on")
+    port: int = help_field(8000, "port to listen on")
+    api_key: str = help_field("", "require `Authorization: Bearer KEY` on /v1 routes; empty: no key")
+    served_name: str = help_field("", "model id clients use; empty: the checkpoint folder's name")
+    max_batch: int = help_field(8, "most answers generated together")
+    max_tokens: int = help_field(1024, "largest max_tokens a request may ask for")
+    max_prompt_tokens: int = help_field(4096, "longest prompt accepted")
+    system_prompt: str = help_field("", "system turn for conversations that have none")
+
+
+@dataclass
+class LabelServeConfig:
+    db: str = help_field("labels.db", DB_HELP)
+    host: str = help_field("127.0.0.1", "address to listen on (0.0.0.0 for labelers on other machines)")
+    port: int = help_field(8100, "port to listen on")
+
+
+@dataclass
+class LabelerAddConfig:
+    name: str = help_field("", "the new labeler's name (unique)")
+    db: str = help_field("labels.db", DB_HELP)
+    admin: bool = help_field(False, "may see progress and agreement, add labelers and export")
+
+
+@dataclass
+class LabelExportConfig:
+    db: str = help_field("labels.db", DB_HELP)
+    out: str = help_field("rankings.jsonl", "JSONL file to write, in the reward stage's rankings format")
+    per_labeler: bool = help_field(
+        False, "one record per submission instead of ranks aggregated across labelers"
+    )
+    min_labels: int = help_field(1, "leave out tasks ranked by fewer labelers than this")

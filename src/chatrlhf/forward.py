@@ -1,0 +1,292 @@
+"""Model forward passes, below every stage: what SFT, the reward model, PPO, the judges and eval compute with a
+model, written once.
+
+    language model   collate + target_logits (LM losses), response_logits + gather_logprobs (answer log-probs)
+    scalar head      backbone_hidden, scalar_head, reward_scores, token_values, sequence_scores
+    packed rows      shared_prompt_scores: one prompt and its K answers in one row, each answer attending
+                     to the prompt and to itself (segment attention)
+
+Every function takes a model that may be wrapped by PEFT, and token tensors already on its device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from chatrlhf.data import Sample
+from chatrlhf.models import unwrap
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, whatever the left padding. (B, T)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# language-model losses and log-probs
+
+
+def collate(samples: Sequence[Sample], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad samples into a batch.
+
+    Returns input_ids, position_ids, targets (B, T): targets[b, t] is the token at t+1 when it carries
+    loss, else -100. Padding restarts the position ids, so it forms its own segment and the model's
+    packed-sequence masking keeps real tokens from attending to it (no attention mask needed).
+    """
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(samples), width), dtype=torch.long)
+    targets = torch.full((len(samples), width), -100, dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[b, :n] = torch.tensor(s.input_ids)
+        pos = torch.tensor(s.position_ids)
+        position_ids[b, :n] = pos
+        position_ids[b, n:] = torch.arange(width - n)
+        # a token is a target when it carries loss and does not start a new packed sample
+        is_target = torch.tensor(s.loss_mask[1:], dtype=torch.bool) & (pos[1:] != 0)
+        targets[b, : n - 1] = torch.where(is_target, ids[b, 1:n], torch.full_like(ids[b, 1:n], -100))
+    return {
+        "input_ids": ids.to(device),
+        "position_ids": position_ids.to(device),
+        "targets": targets.to(device),
+    }
+
+
+def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N positions of a `collate` batch that have a target, and those targets (N,).
+    The unembedding runs only there, so prompt tokens and padding never pay for the vocabulary projection."""
+    base = unwrap(model)
+    select = batch["targets"] != -100
+    if getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None):
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+        return logits[select], batch["targets"][select]
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
+    return base.get_output_embeddings()(hidden[select]), batch["targets"][select]
+
+
+def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits at the positions that predict each answer token of left-padded prompts
+    followed by right-padded answers. Returns (B, R, V) fp32."""
+    base = unwrap(model)
+    hidden = base.get_decoder()(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) for logits (B, R, V) and tokens (B, R). Returns (B, R)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# scalar-head models: the reward model and the value model
+
+
+def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
+    """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
+    is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function."""
+    base = unwrap(model)
+    backbone = getattr(base, base.base_model_prefix)
+    if position_ids is None:
+        position_ids = positions(attention_mask)
+    out = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **attention,
+    )
+    return out.last_hidden_state
+
+
+def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The one-label head on hidden states (..., D) -> (...) in fp32."""
+    return unwrap(model).score(hidden)[..., 0].float()
+
+
+def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Scalar reward of each sequence, read at its last token. Returns (N,); right padding, masked."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return (
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
+    )
+
+
+def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
+    """The value head at each state before an answer token. Returns (B, R) fp32."""
+    hidden = backbone_hidden(value_model, sequences, attention_mask)
+    return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
+
+
+def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
+    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
+    hidden = backbone_hidden(reward_model, sequences, attention_mask)
+    return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
+
+
+# --------------------------------------------------------------------------------------------------
+# packed rows: a prompt forwarded once for its K answers
+
+PACK_LIMIT = 2048  # tokens per packed row: attention over a packed row grows with its length squared
+
+
+def shared_prompt_scores(
+    model, sequences: Sequence[list[int]], pad_id: int, device, limit: int = PACK_LIMIT
+) -> torch.Tensor:
+    """Rewards of K answers to one prompt, forwarding the prompt once (InstructGPT's K-way batching).
+
+    The longest common prefix of the K sequences and the answers after it are packed into one row with no
+    padding: each answer attends to the prefix and to itself, with positions continuing the prefix's.
+    Answers that would make a row longer than `limit` tokens go to another row with its own copy of the
+    prefix. Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's
+    compute K-1 times and every pad token. Returns (K,).
+    """
+    shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
+    for i in range(shared):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            shared = i
+            break
+    if shared == 0:
+        return reward_scores(model, sequences, pad_id, device)
+    rows, row, size = [], [], shared
+    for tail in (s[shared:] for s in sequences):
+        if row and size + len(tail) > limit:
+            rows.append(row)
+            row, size = [], shared
+        row.append(tail)
+        size += len(tail)
+    rows.append(row)
+    prefix = sequences[0][:shared]
+    return torch.cat([_packed_scores(model, prefix, tails, device) for tails in rows])
+
+
+def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> torch.Tensor:
+    """The reward at the end of each tail, for one row of prefix + tails. Returns (len(tails),)."""
+    shared = len(prefix)
+    ids = prefix + [t for tail in tails for t in tail]
+    position_ids = list(range(shared)) + [shared + j for tail in tails for j in range(len(tail))]
+    segment = torch.tensor(
+        [0] * shared + [k + 1 for k, tail in enumerate(tails) for _ in tail], device=device
+    )
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+    mask = causal & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    hidden = _row_hidden(
+        model,
+        torch.tensor([ids], device=device),
+        mask,
+        torch.tensor([position_ids], device=device),
+        PackedRow.of(shared, [len(tail) for tail in tails], device),
+    )
+    ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
+    return scalar_head(model, hidden[0, ends])
+
+
+def _row_hidden(model, ids, mask, position_ids, row: PackedRow) -> torch.Tensor:
+    """The packed row's hidden states; under SDPA attention runs per answer segment (`segment_attention`),
+    otherwise over the row's full (L, L) mask. Not with gradient checkpointing: its recomputation in
+    backward would run outside the switch."""
+    base = unwrap(model)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+    if base.config._attn_implementation != "sdpa" or checkpointing:
+        return backbone_hidden(model, ids, _attention_mask(model, mask), position_ids)
+    with segment_attention_on(model):
+        return backbone_hidden(model, ids, mask[None, None], position_ids, packed_row=row)
+
+
+SEGMENT_ATTENTION = "chatrlhf_segments"
+
+
+@contextlib.contextmanager
+def segment_attention_on(model):
+    """Within the block, the SDPA model's attention is `segment_attention` (SDPA itself for any forward that
+    passes no `packed_row`); registered with transformers on first use."""
+    _register_segment_attention()
+    config = unwrap(model).config
+    config._attn_implementation = SEGMENT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if SEGMENT_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+class PackedRow(NamedTuple):
+    """The layout of one packed row for `segment_attention`: the shared prefix's length, each answer's
+    length, and each answer's (n, shared + n) mask over the prefix and its own tokens, built once per row
+    rather than once per layer."""
+
+    shared: int
+    lengths: list[int]
+    masks: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, shared: int, lengths: list[int], device) -> PackedRow:
+        masks = []
+        for n in lengths:
+            allowed = torch.ones(n, shared + n, dtype=torch.bool, device=device)
+            allowed[:, shared:] = allowed[:, shared:].tril()
+            masks.append(allowed)
+        return cls(shared, lengths, masks)
+
+
+def segment_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_row=None, **kwargs
+):
+    """Attention over a packed row one segment at a time: the prefix's queries attend causally to the
+    prefix, each answer's to the prefix and causally to itself. The same result as the row's full mask
+    without computing the blocks it masks out (answers attending to other answers), which grow with the
+    square of K. query (1, H, L, hd), key and value (1, H_kv, L, hd); returns ((1, L, H, hd), None). Without
+    `packed_row` (a `PackedRow`) it is transformers' SDPA attention.
+
+    The row is cut with `split`, whose backward is one concatenation; slicing it once per segment would make
+    every segment's backward write a zero-filled tensor of the whole row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_row is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sizes = [packed_row.shared, *packed_row.lengths]
+    (q0, *qs), (k0, *ks), (v0, *vs) = (t.split(sizes, dim=2) for t in (query, key, value))
+    parts = [sdpa(q0, k0, v0, scale=scaling, is_causal=True, enable_gqa=True)]
+    for q, k, v, allowed in zip(qs, ks, vs, packed_row.masks):
+        keys, values = torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2)
+        parts.append(sdpa(q, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=True))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom (1, 1, L, L) mask in the form the model's attention takes: boolean for SDPA, additive for
+    eager attention."""
+    if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
+        dtype = next(unwrap(model).parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[None, None]
+    return allowed[None, None]
