@@ -214,14 +214,17 @@ def run_comparison(
     summarize: Callable[[dict[str, list[dict]], argparse.Namespace], dict],
     print_table: Callable[[dict], None],
 ) -> None:
-    """`args.repeat` runs of each framework (`run["trl"]`, `run["chatrlhf"]`; TRL not with `args.skip_trl`),
+    """`args.repeat` runs of each framework (`run["trl"]`, `run["chatrlhf"]`; not with `args.skip_trl` or
+    `args.skip_chatrlhf`),
     each record emitted as it comes, then the summary record and the table."""
     out = Path(args.out) if args.out else None
     results: dict[str, list[dict]] = {"trl": [], "chatrlhf": []}
     for i in range(args.repeat):
         order = ["trl", "chatrlhf"] if i % 2 == 0 else ["chatrlhf", "trl"]  # alternate who runs first
         for name in order:
-            if name == "trl" and args.skip_trl:
+            if (name == "trl" and args.skip_trl) or (
+                name == "chatrlhf" and getattr(args, "skip_chatrlhf", False)
+            ):
                 continue
             record = run[name]()
             record["run"] = i + 1
