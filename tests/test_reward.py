@@ -38,7 +38,7 @@ def test_kway_loss_is_mean_of_pairwise_losses_with_k_forwards(tiny_model, tokeni
         lambda m, args, kwargs, out: rows_forwarded.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     stage = _reward_stage(tokenizer, "cpu", {})
-    loss, stats = stage.loss(model, [item], 1.0)
+    loss, stats = stage.loss(model, [item], stage.weight(item))
     hook.remove()
     # one packed row: the shared prompt once, then each answer once (not twice per pair), no padding
     shared = next(i for i in range(len(item.sequences[0])) if len({s[i] for s in item.sequences}) > 1)

@@ -134,6 +134,11 @@ class RewardConfig(TrainConfig):
         True,
         "pack a prompt and its K answers into one row, so the prompt is forwarded once and nothing is padded",
     )
+    loss_weighting: str = help_field(
+        "prompt",
+        "prompt: every prompt weighs the same, whatever its K | pair: every comparison weighs the same, a prompt "
+        "with K answers C(K,2) times (as TRL weighs pairs)",
+    )
     normalize_with: str = help_field(
         "", "demonstrations file: after training, add a bias so their answers score mean 0 (InstructGPT)"
     )
@@ -162,6 +167,11 @@ class PPOConfig(TrainConfig):
         "continues from an earlier PPO policy)",
     )
     batch_size: int = help_field(8, "prompts per PPO step")
+    share_trunk: bool = help_field(
+        True,
+        "with LoRA in the last lora.layers layers and the reference the policy without adapters: run the "
+        "layers below once per batch, for the reference and every update pass",
+    )
     samples_per_prompt: int = help_field(
         1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"
     )

@@ -27,13 +27,14 @@ from chatrlhf.configs import RewardConfig, ScoreConfig
 from chatrlhf.data import load_demonstrations
 from chatrlhf.errors import UserError
 from chatrlhf.forward import reward_scores, shared_prompt_scores
-from chatrlhf.harness import check_config
+from chatrlhf.harness import autocast, check_config
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
     apply_lora,
     load_reward_model,
     load_tokenizer,
     pick_device,
+    resolve_dtype,
     resolve_model,
     save_model,
     unwrap,
@@ -114,8 +115,14 @@ def _pair_stats(
     return pairs, float((diff > 0).sum()), float(diff.sum())
 
 
-def _reward_stage(tokenizer, device, lineage: dict, share_prompt: bool = True) -> Stage:
+def _reward_stage(
+    tokenizer, device, lineage: dict, share_prompt: bool = True, loss_weighting: str = "prompt"
+) -> Stage:
+    """The reward stage for `fit`. With `loss_weighting` "pair" a step's loss is the mean over all its
+    comparisons (a prompt with K answers weighs C(K,2) pairs' worth); with "prompt" the mean over prompts of
+    each prompt's mean over its pairs."""
     pad_id = tokenizer.pad_token_id
+    per_pair = loss_weighting == "pair"
 
     def forward(model, items: Sequence[RankedItem]) -> list[torch.Tensor]:
         if share_prompt:
@@ -129,8 +136,8 @@ def _reward_stage(tokenizer, device, lineage: dict, share_prompt: bool = True) -
         for item, rewards in zip(items, forward(model, items)):
             pairs, correct, margin = _pair_stats(rewards, item.pairs)
             item_loss = ranking_loss(rewards, pairs)
-            total = total + item_loss
-            stats["loss"] += item_loss.item()
+            total = total + (item_loss * len(item.pairs) if per_pair else item_loss)
+            stats["loss"] += item_loss.item() * len(item.pairs)
             stats["pairs"] += len(item.pairs)
             stats["correct"] += correct
             stats["margin"] += margin
@@ -138,35 +145,42 @@ def _reward_stage(tokenizer, device, lineage: dict, share_prompt: bool = True) -
 
     def summarize(s):
         return {
-            "rm/loss": s["loss"] / s["prompts"],
+            "rm/loss": s["loss"] / s["pairs"],
             "rm/train_accuracy": s["correct"] / s["pairs"],
             "rm/train_margin": s["margin"] / s["pairs"],
             "train/pairs": s["pairs"],
         }
 
     def evaluate(model, items):
-        by_k: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        by_k: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])  # K -> [right pairs, pairs]
+        prompt_accuracy: dict[int, list[float]] = defaultdict(list)  # K -> each prompt's share right
         correct = pairs = margin = loss_sum = 0.0
         for i in range(0, len(items), 8):
             batch = items[i : i + 8]
             for item, rewards in zip(batch, forward(model, batch)):
                 p, c, m = _pair_stats(rewards, item.pairs)
-                loss_sum += ranking_loss(rewards, p).item()
+                loss_sum += ranking_loss(rewards, p).item() * len(item.pairs)
                 correct, pairs, margin = correct + c, pairs + len(item.pairs), margin + m
-                by_k[len(item.sequences)][0] += c
-                by_k[len(item.sequences)][1] += len(item.pairs)
+                k = len(item.sequences)
+                by_k[k][0] += c
+                by_k[k][1] += len(item.pairs)
+                prompt_accuracy[k].append(c / len(item.pairs))
         out = {
             "rm/accuracy": correct / pairs,
             "rm/margin": margin / pairs,
-            "rm/eval_loss": loss_sum / len(items),
+            "rm/eval_loss": loss_sum / pairs,
+            "rm/eval_pairs": pairs,
         }
         out.update({f"rm/accuracy_k{k}": c / n for k, (c, n) in sorted(by_k.items())})
+        for k, shares in sorted(prompt_accuracy.items()):
+            out[f"rm/prompt_accuracy_k{k}"] = sum(shares) / len(shares)
+            out[f"rm/prompts_k{k}"] = float(len(shares))
         return out
 
     return Stage(
         name="reward",
         loss=loss,
-        weight=lambda item: 1.0,  # one batch element per prompt, whatever its K
+        weight=lambda item: float(len(item.pairs)) if per_pair else 1.0,
         length=lambda item: max(len(s) for s in item.sequences) * len(item.sequences),
         summarize=summarize,
         evaluate=evaluate,
@@ -179,6 +193,8 @@ def _reward_stage(tokenizer, device, lineage: dict, share_prompt: bool = True) -
 def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
     """Train a reward model; every record is validated before anything is written."""
     check_config(cfg)
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        raise UserError(f"loss_weighting: {cfg.loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     d = cfg.data
@@ -206,10 +222,48 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
         "data": data_lineage(d.train, d.eval, cfg.normalize_with),
         "invalid_records": invalid.summary(),
     }
-    stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt)
+    stage = _reward_stage(tokenizer, device, lineage, cfg.share_prompt, cfg.loss_weighting)
     if reference:
         stage.export = _normalizing_export(stage.export, reference, tokenizer, cfg, device)
-    return fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
+    if eval_items:
+        # in every process (only the main one evaluates later): asking accelerate which process is the main
+        # one before `fit` sets it up would set it up wrongly
+        before = _fresh_head_metrics(stage, model, eval_items, device, cfg.dtype)
+        evaluate = stage.evaluate
+        stage.evaluate = lambda model, items: {**before, **evaluate(model, items)}
+    summary = fit(cfg, stage, model, train_items, eval_items, on_step=on_step)
+    if "rm/accuracy" in summary:  # the main process, which evaluated
+        print(heldout_report(summary), file=sys.stderr)
+    return summary
+
+
+LOSS_WEIGHTINGS = ("prompt", "pair")
+
+
+def _fresh_head_metrics(stage: Stage, model, items, device, dtype: str) -> dict[str, float]:
+    """The held-out metrics of the untrained model (new head), as `rm/..._before`: the accuracy a random
+    head gets from the pretrained features alone, which the trained accuracy should be read against."""
+    model.eval()
+    with torch.no_grad(), autocast(device, resolve_dtype(dtype)):
+        metrics = stage.evaluate(model, items)
+    model.train()
+    return {f"{key}_before": value for key, value in metrics.items()}
+
+
+def heldout_report(summary: dict[str, float]) -> str:
+    """Held-out accuracy after and before training, and per prompt by K, as one console line."""
+    text = (
+        f"reward: held-out accuracy {summary['rm/accuracy']:.4f} on {summary['rm/eval_pairs']:.0f} pairs "
+        f"(before training, fresh head: {summary['rm/accuracy_before']:.4f})"
+    )
+    counts = [key for key in summary if key.startswith("rm/prompts_k") and not key.endswith("_before")]
+    by_k = sorted(int(key[len("rm/prompts_k") :]) for key in counts)
+    per_k = [
+        f"K={k} {summary[f'rm/prompt_accuracy_k{k}']:.3f} (before {summary[f'rm/prompt_accuracy_k{k}_before']:.3f}, "
+        f"{summary[f'rm/prompts_k{k}']:.0f} prompts)"
+        for k in by_k
+    ]
+    return text + "; per-prompt accuracy by K: " + ", ".join(per_k)
 
 
 def _normalizing_export(export, reference, tokenizer, cfg: RewardConfig, device):
