@@ -374,3 +374,63 @@ def test_rloo_needs_two_answers_per_prompt(tmp_path, tiny_model, prompts_file):
         )  # fmt: skip
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_shared_trunk_changes_no_number_and_no_frozen_weight(tiny_model, tokenizer, prompts_file, tmp_path):
+    """LoRA in the last layer only: the first layer's output is computed once per batch for the reference
+    and every update pass. Reference log-probs, the update's new log-probs, every logged metric and the
+    exported weights equal those of separate full-depth forwards; the layers below the adapters stay as
+    they were."""
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.ppo import load_models
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
+    runs = {}
+    for shared in (True, False):
+        cfg = ppo_config(
+            tiny_model, prompts_file, tmp_path / f"trunk{shared}", max_steps=3, lora=lora, share_trunk=shared
+        )
+        models = load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+        assert models.trunk_layers == (1 if shared else 0) and models.reference is None
+        train(cfg, reward_fn=low_half_reward(len(tokenizer)))
+        runs[shared] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
+    for with_trunk, without in zip(runs[True], runs[False], strict=True):
+        for key in (
+            "ppo/reward",
+            "ppo/kl",
+            "ppo/policy_loss",
+            "ppo/approx_kl",
+            "ppo/entropy",
+            "ppo/value_loss",
+        ):
+            assert with_trunk[key] == pytest.approx(without[key], rel=1e-4, abs=1e-5), key
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"trunk{s}").state_dict() for s in runs}
+    assert all(torch.equal(before[k], after[True][k]) for k in before if ".layers.0." in k or "embed" in k)
+    assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in before)
+    assert any(not torch.equal(before[k], after[True][k]) for k in before if ".layers.1." in k)
+
+
+def test_shared_trunk_reference_and_policy_logprobs_equal_full_forwards(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.forward import response_logits, trunk_hidden
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
+    cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path, lora=lora)
+    assert models.trunk_layers == 1 and exp.trunk is not None
+    with torch.no_grad():
+        for p in models.policy.parameters():  # adapters away from zero, so policy and reference differ
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        seq, att, width = exp.sequences, exp.attention_mask, exp.prompt_width
+        trunk = trunk_hidden(models.policy, seq, att, 1)
+        policy_full = response_logits(models.policy, seq, att, width, cfg.temperature)
+        policy_split = response_logits(models.policy, seq, att, width, cfg.temperature, trunk)
+        with models.policy.disable_adapter():
+            ref_full = response_logits(models.policy, seq, att, width, cfg.temperature)
+            ref_split = response_logits(models.policy, seq, att, width, cfg.temperature, trunk)
+    assert not torch.allclose(policy_full, ref_full, atol=1e-3)
+    assert torch.allclose(policy_full, policy_split, atol=1e-5)
+    assert torch.allclose(ref_full, ref_split, atol=1e-5)

@@ -16,10 +16,12 @@ import torch
 
 from chatrlhf.configs import PPOConfig
 from chatrlhf.forward import (
+    Trunk,
     gather_logprobs,
     response_logits,
     sequence_scores,
     token_values,
+    trunk_hidden,
 )
 from chatrlhf.generation import Generation, SamplingConfig, generate
 from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
@@ -34,6 +36,9 @@ class Models:
     reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
     reward: torch.nn.Module | None  # None: a reward function is used
     reward_bias: float = 0.0
+    # > 0: the policy's first `trunk_layers` layers carry no adapters and the reference is the policy with its
+    # adapters disabled, so their output is computed once per batch (`forward.trunk_hidden`) and shared
+    trunk_layers: int = 0
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ScoredRollouts:
     ref_logprobs: torch.Tensor  # (B, R) of the sampled tokens under the reference model, 0 on padding
     values: torch.Tensor  # (B, R) value before each answer token; zeros without a value model
     scores: torch.Tensor  # (B,) reward-model (or reward-function) score, before any penalty
+    trunk: Trunk | None = None  # the policy's (and reference's) first layers' output, when they share them
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Experience:
     kl: torch.Tensor  # (B, R) per-token KL estimate
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    trunk: Trunk | None = None  # reused by every update pass: only the layers above it run
 
 
 def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
@@ -77,9 +84,10 @@ def score_rollouts(
 ) -> ScoredRollouts:
     """Reward-model scores, reference log-probs and values of a batch of rollouts."""
     sequences, mask, width = gen.sequences, gen.attention_mask, gen.prompt_width
+    trunk = trunk_hidden(models.policy, sequences, mask, models.trunk_layers) if models.trunk_layers else None
     if models.reference is None:
         with models.policy.disable_adapter():
-            ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature)
+            ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature, trunk)
     else:
         ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature)
     ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
@@ -96,7 +104,7 @@ def score_rollouts(
     else:
         last = width + gen.response_mask.sum(1) - 1
         scores = sequence_scores(models.reward, sequences, mask, last) + models.reward_bias
-    return ScoredRollouts(sequences, mask, ref_logprobs, values, scores)
+    return ScoredRollouts(sequences, mask, ref_logprobs, values, scores, trunk)
 
 
 def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_coef: float) -> Experience:
@@ -128,4 +136,5 @@ def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_
         kl=kl,
         advantages=advantages,
         returns=returns,
+        trunk=scored.trunk,
     )

@@ -1,7 +1,8 @@
 """Model forward passes, below every stage: what SFT, the reward model, PPO, the judges and eval compute with a
 model, written once.
 
-    language model   collate + target_logits (LM losses), response_logits + gather_logprobs (answer log-probs)
+    language model   collate + target_logits (LM losses), response_logits + gather_logprobs (answer log-probs),
+                     trunk_hidden (the first layers' output, for models that share them)
     scalar head      backbone_hidden, scalar_head, reward_scores, token_values, sequence_scores
     packed rows      shared_prompt_scores: one prompt and its K answers in one row, each answer attending
                      to the prompt and to itself (segment attention)
@@ -73,17 +74,76 @@ def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return base.get_output_embeddings()(hidden[select]), batch["targets"][select]
 
 
-def response_logits(model, sequences, attention_mask, prompt_width: int, temperature: float) -> torch.Tensor:
+def response_logits(
+    model, sequences, attention_mask, prompt_width: int, temperature: float, trunk: Trunk | None = None
+) -> torch.Tensor:
     """Temperature-scaled logits at the positions that predict each answer token of left-padded prompts
-    followed by right-padded answers. Returns (B, R, V) fp32."""
+    followed by right-padded answers. With `trunk` (the hidden states after the model's first layers, from
+    `trunk_hidden`) only the layers above it run. Returns (B, R, V) fp32."""
     base = unwrap(model)
-    hidden = base.get_decoder()(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    decoder = base.get_decoder()
+    if trunk is None:
+        hidden = _decode(decoder, attention_mask, input_ids=sequences)
+    else:
+        with _only_layers(decoder, trunk.layers, None):
+            hidden = _decode(decoder, attention_mask, inputs_embeds=trunk.hidden)
     return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
+
+
+def _decode(decoder, attention_mask, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states for token ids or embeddings, positions from the (left) padding."""
+    position_ids = positions(attention_mask)
+    return decoder(
+        **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
+class Trunk(NamedTuple):
+    """The hidden states (B, T, D) entering layer `layers` of a decoder: what models sharing their first
+    `layers` layers (a LoRA policy with adapters only above them, and its reference) compute once."""
+
+    hidden: torch.Tensor
+    layers: int
+
+    def rows(self, idx: torch.Tensor) -> Trunk:
+        return Trunk(self.hidden[idx], self.layers)
+
+
+@torch.no_grad()
+def trunk_hidden(model, sequences, attention_mask, layers: int) -> Trunk:
+    """The hidden states after the first `layers` decoder layers (no final norm), without gradient."""
+    decoder = unwrap(model).get_decoder()
+    with _only_layers(decoder, 0, layers):
+        return Trunk(_decode(decoder, attention_mask, input_ids=sequences), layers)
+
+
+@contextlib.contextmanager
+def _only_layers(decoder, start: int, stop: int | None):
+    """Within the block the decoder runs only its layers [start, stop); below the top (`stop` given) it ends
+    without its final norm, so the output is the residual stream entering layer `stop`."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if stop is not None:
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def trunk_matches_full_forward(model, layers: int, vocab: int) -> bool:
+    """Whether running the first `layers` layers, then the rest from their output, gives the full forward's
+    logits for this model class (some decoders scale or mix their input embeddings, which a split would break).
+    Checked once on a small random batch, adapters disabled where there are any."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding, as in a rollout batch
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters:
+        full = response_logits(model, ids, mask, 3, 1.0)
+        split = response_logits(model, ids, mask, 3, 1.0, trunk_hidden(model, ids, mask, layers))
+    return bool(torch.allclose(full, split, atol=1e-4, rtol=1e-4))
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

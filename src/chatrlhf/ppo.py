@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,14 @@ from chatrlhf.configs import PPOConfig
 from chatrlhf.data import chunk_stream, load_prompts, load_texts, tokenize_texts
 from chatrlhf.errors import UserError
 from chatrlhf.experience import Experience, Models, RewardFn, make_experience, rollout, score_rollouts
-from chatrlhf.forward import collate, gather_logprobs, response_logits, target_logits, token_values
+from chatrlhf.forward import (
+    collate,
+    gather_logprobs,
+    response_logits,
+    target_logits,
+    token_values,
+    trunk_matches_full_forward,
+)
 from chatrlhf.generation import Generation
 from chatrlhf.harness import Harness, TrainState, autocast, check_config, make_optimizer
 from chatrlhf.losses import (
@@ -52,6 +60,7 @@ from chatrlhf.models import (
     pick_device,
     resolve_model,
     save_model,
+    unwrap,
 )
 from chatrlhf.records import Conversation, DataError, InvalidRecords
 from chatrlhf.runs import RunDir, data_lineage, keep_rows_upto
@@ -64,7 +73,8 @@ def minibatch_loss(
 ):
     """PPO loss on the rollouts `idx` (+ ptx_coef * LM loss on `ptx_rows`). Returns (loss, stats)."""
     seq, att, mask = exp.sequences[idx], exp.attention_mask[idx], exp.response_mask[idx].float()
-    logits = response_logits(models.policy, seq, att, exp.prompt_width, cfg.temperature)
+    trunk = exp.trunk.rows(idx) if exp.trunk is not None else None
+    logits = response_logits(models.policy, seq, att, exp.prompt_width, cfg.temperature, trunk)
     response = seq[:, exp.prompt_width :]
     logprobs = gather_logprobs(logits, response)
     pg_loss, pg_stats = ppo_policy_loss(
@@ -252,8 +262,8 @@ def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -
     set_seed(cfg.seed)
     policy = load_causal_lm(model_path, tokenizer, device)
     reference = None
-    if cfg.reference_model:
-        reference_path = resolve_model(cfg.reference_model)
+    reference_path = resolve_model(cfg.reference_model) if cfg.reference_model else model_path
+    if reference_path != model_path or (cfg.reference_model and not cfg.lora.enabled):
         _same_vocabulary(reference_path, load_tokenizer(reference_path), tokenizer, "reference_model")
         reference = load_causal_lm(reference_path, tokenizer, device).eval().requires_grad_(False)
     elif not cfg.lora.enabled:
@@ -275,7 +285,24 @@ def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -
         _same_vocabulary(reward_path, load_tokenizer(reward_path), tokenizer, "reward_model")
         reward = load_reward_model(reward_path, tokenizer, device).eval().requires_grad_(False)
         bias = float(getattr(reward.config, "reward_bias", 0.0) or 0.0)
-    return Models(policy, value, reference, reward, bias)
+    return Models(
+        policy, value, reference, reward, bias, _shared_trunk(cfg, policy, reference, len(tokenizer))
+    )
+
+
+def _shared_trunk(cfg: PPOConfig, policy, reference, vocab: int) -> int:
+    """How many of the policy's first layers it shares with the reference (LoRA only in the last
+    `lora.layers`, the reference the policy without its adapters): 0 when none, or when `share_trunk` is off
+    or this model class does not split cleanly."""
+    depth = policy.config.num_hidden_layers
+    if not (cfg.share_trunk and cfg.lora.enabled and 0 < cfg.lora.layers < depth and reference is None):
+        return 0
+    if not trunk_matches_full_forward(policy, depth - cfg.lora.layers, vocab):
+        print(
+            f"ppo: share_trunk: {type(unwrap(policy)).__name__} does not split cleanly; off", file=sys.stderr
+        )
+        return 0
+    return depth - cfg.lora.layers
 
 
 def trained(models: Models) -> dict[str, torch.nn.Module]:
