@@ -313,3 +313,95 @@ def versions(packages: tuple[str, ...]) -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL's reward model, as both reward benchmarks run it (under .venv-trl's interpreter)
+
+
+def trl_reward_model(seed: int):
+    """(tokenizer, one-label sequence-classification model) from MODEL_DIR; `seed` draws the new score head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)  # the new score head is drawn in from_pretrained
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(MODEL_DIR), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def trl_reward_trainer(
+    model, tokenizer, train_set, out_dir: str, *, pairs_per_step: int, epochs, lr, max_length, seed, **extra
+) -> tuple[object, list[float]]:
+    """TRL's RewardTrainer on `train_set` (chosen/rejected rows) in fp32 on CPU: pairs in file order, linear
+    decay without warm-up, AdamW, clipping at 1, no reward centring. Returns (trainer, step_ends): the
+    perf_counter at the start of training and at the end of every step, filled while it trains. `extra`:
+    further RewardConfig settings."""
+    from transformers import TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    step_ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    cfg = RewardConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=pairs_per_step,
+        gradient_accumulation_steps=1,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=max_length,
+        center_rewards_coefficient=None,
+        train_sampling_strategy="sequential",  # pairs in file order
+        gradient_checkpointing=False,  # RewardConfig turns it on by default
+        bf16=False,  # ditto
+        fp16=False,
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    trainer = RewardTrainer(
+        model=model, args=cfg, train_dataset=train_set, processing_class=tokenizer, callbacks=[StepEnds()]
+    )
+    return trainer, step_ends
+
+
+def trained_reward_scores(model, sequences: list[list[int]], pad_id: int, batch: int = 8) -> list[float]:
+    """The scalar score of each token sequence, right-padded `batch` at a time."""
+    import torch
+
+    model = model.eval()
+    flat: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(sequences), batch):
+            rows = sequences[i : i + batch]
+            width = max(len(s) for s in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, s in enumerate(rows):
+                input_ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = 1
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            flat.extend(float(x) for x in logits[:, 0])
+    return flat

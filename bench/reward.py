@@ -294,8 +294,7 @@ def trl_child_main(args) -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
     anchor = common.load_anchor(common.shared_bench_dir())
     w, seed = anchor.RM, args.seed if args.seed is not None else anchor.SEED
@@ -305,14 +304,7 @@ def trl_child_main(args) -> None:
     torch.manual_seed(seed)
 
     began = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(seed)  # the new score head is drawn in from_pretrained
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(MODEL_DIR), num_labels=1, dtype=torch.float32
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer, model = common.trl_reward_model(seed)
     train_set = Dataset.from_list(
         [
             {
@@ -322,50 +314,18 @@ def trl_child_main(args) -> None:
             for p in data["pairs"]
         ]
     )
-
-    step_ends: list[float] = []
-
-    class StepEnds(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-rm-trl-") as tmp:
-        cfg = RewardConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=w["batch_size_pairs"],
-            gradient_accumulation_steps=1,
-            num_train_epochs=w["epochs"],
-            learning_rate=w["learning_rate"],
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            optim="adamw_torch",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
+        trainer, step_ends = common.trl_reward_trainer(
+            model,
+            tokenizer,
+            train_set,
+            tmp,
+            pairs_per_step=w["batch_size_pairs"],
+            epochs=w["epochs"],
+            lr=w["learning_rate"],
             max_length=w["max_length"],
-            pad_to_multiple_of=None,
-            center_rewards_coefficient=None,
-            train_sampling_strategy="sequential",  # pairs in file order
-            gradient_checkpointing=False,  # RewardConfig turns it on by default
-            bf16=False,  # ditto
-            fp16=False,
-            use_cpu=True,
             seed=seed,
-            data_seed=seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = RewardTrainer(
-            model=model,
-            args=cfg,
-            train_dataset=train_set,
-            processing_class=tokenizer,
-            callbacks=[StepEnds()],
+            pad_to_multiple_of=None,
         )
         setup_s = time.perf_counter() - began
         rss_before = common.peak_rss_mib()
@@ -385,19 +345,7 @@ def trl_child_main(args) -> None:
     first = data["pairs"][0]
     same_tokens = ids(first["prompt"], first["chosen"]) == list(prepared[0]["chosen_ids"])
     seqs = [ids(r["prompt"], answer) for r in data["wide"] for answer in r["responses"]]
-    model = trainer.model.eval()
-    flat: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(seqs), 8):
-            batch = seqs[i : i + 8]
-            width = max(len(s) for s in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, s in enumerate(batch):
-                input_ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = 1
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-            flat.extend(float(x) for x in logits[:, 0])
+    flat = common.trained_reward_scores(trainer.model, seqs, tokenizer.pad_token_id)
     k = len(data["wide"][0]["responses"])
     scores = [flat[i : i + k] for i in range(0, len(flat), k)]
 

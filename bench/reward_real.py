@@ -382,65 +382,25 @@ def trl_child_main(args) -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
     seed = args.seed
     pairs = read_jsonl(Path(args.data) / "pairs.jsonl")
     heldout = read_jsonl(Path(args.data) / "heldout.jsonl")
     random.seed(seed)
     np.random.seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(MODEL_DIR))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(seed)  # the new score head is drawn in from_pretrained
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(MODEL_DIR), num_labels=1, dtype=torch.float32
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    step_ends: list[float] = []
-
-    class StepEnds(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
+    tokenizer, model = common.trl_reward_model(seed)
     with tempfile.TemporaryDirectory(prefix="chatrlhf-bench-rm-real-trl-") as tmp:
-        cfg = RewardConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=TRL_PAIRS_PER_STEP,
-            gradient_accumulation_steps=1,
-            num_train_epochs=args.epochs,
-            learning_rate=args.lr,
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            optim="adamw_torch",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
+        trainer, step_ends = common.trl_reward_trainer(
+            model,
+            tokenizer,
+            Dataset.from_list(pairs),
+            tmp,
+            pairs_per_step=TRL_PAIRS_PER_STEP,
+            epochs=args.epochs,
+            lr=args.lr,
             max_length=args.max_length,
-            center_rewards_coefficient=None,
-            train_sampling_strategy="sequential",  # pairs in file order
-            gradient_checkpointing=False,  # RewardConfig turns it on by default
-            bf16=False,  # ditto
-            fp16=False,
-            use_cpu=True,
             seed=seed,
-            data_seed=seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = RewardTrainer(
-            model=model,
-            args=cfg,
-            train_dataset=Dataset.from_list(pairs),
-            processing_class=tokenizer,
-            callbacks=[StepEnds()],
         )
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
@@ -456,21 +416,7 @@ def trl_child_main(args) -> None:
         return list(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
 
     seqs = [ids(r["prompt"], a) for r in heldout for a in r["responses"]]
-    model = trainer.model.eval()
-    flat: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(seqs), 8):
-            batch = seqs[i : i + 8]
-            width = max(len(s) for s in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, s in enumerate(batch):
-                input_ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = 1
-            flat.extend(
-                float(x)
-                for x in model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, 0]
-            )
+    flat = common.trained_reward_scores(trainer.model, seqs, tokenizer.pad_token_id)
     scores, at = [], 0
     for r in heldout:
         scores.append(flat[at : at + len(r["responses"])])
