@@ -434,3 +434,48 @@ def test_shared_trunk_reference_and_policy_logprobs_equal_full_forwards(
     assert not torch.allclose(policy_full, ref_full, atol=1e-3)
     assert torch.allclose(policy_full, policy_split, atol=1e-5)
     assert torch.allclose(ref_full, ref_split, atol=1e-5)
+
+
+def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, tmp_path, monkeypatch):
+    """In bf16, PPO holds every frozen Linear weight (LoRA's base, the reward model) as a bf16 copy so that
+    autocast does not cast it again at every forward. Every logged metric equals a run that leaves them in
+    fp32, and the export (LoRA merged into the fp32 weights) is the same to the bit."""
+    from chatrlhf import ppo as ppo_module
+    from chatrlhf.configs import LoraConfig
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj", "down_proj"], layers=1)
+    runs, held = {}, []
+    real = ppo_module.hold_frozen_linears
+
+    def counting(model, dtype):
+        restore = real(model, dtype)
+        held.append(
+            sum(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16 for m in model.modules())
+        )
+        return restore
+
+    for hold in (True, False):
+        if hold:
+            monkeypatch.setattr(ppo_module, "hold_frozen_linears", counting)
+        else:
+            monkeypatch.setattr(ppo_module, "hold_frozen_linears", lambda model, dtype: lambda: None)
+        cfg = ppo_config(
+            tiny_model, prompts_file, tmp_path / f"hold{hold}", max_steps=2, lora=lora, dtype="bf16",
+            reward_model=tiny_model,
+        )  # fmt: skip
+        train(cfg)
+        runs[hold] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
+    assert held and all(n > 0 for n in held)  # policy, value and reward model each held some weights
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in (
+            "ppo/reward",
+            "ppo/kl",
+            "ppo/policy_loss",
+            "ppo/value_loss",
+            "ppo/entropy",
+            "ppo/grad_norm",
+        ):
+            assert a[key] == b[key], key
+    after = {h: AutoModelForCausalLM.from_pretrained(tmp_path / f"hold{h}").state_dict() for h in runs}
+    assert all(v.dtype == torch.float32 for v in after[True].values())
+    assert all(torch.equal(after[True][k], after[False][k]) for k in after[False])

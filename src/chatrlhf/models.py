@@ -249,6 +249,30 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, peft_config)
 
 
+def hold_frozen_linears(model, dtype: torch.dtype):
+    """Hold the frozen Linear weights of `model` as `dtype` copies, for compute under autocast to `dtype`;
+    returns a function that puts the original weights back (before LoRA is merged for export).
+
+    Autocast caches its cast of a weight only while the weight requires grad, so a frozen fp32 weight (the
+    base under LoRA, a frozen reward model or reference) is cast again by every forward: at every decoded
+    token. Autocast rounds to `dtype` just like this copy does, so results are bit-identical. Every forward
+    of the model must then run under autocast."""
+    if dtype == torch.float32:
+        return lambda: None
+    held = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32:
+            held.append((module, weight))
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+
+    def restore() -> None:
+        for module, weight in held:
+            module.weight = weight
+
+    return restore
+
+
 def unwrap(model):
     """The transformers model under a PEFT wrapper (the model itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

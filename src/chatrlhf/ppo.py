@@ -54,6 +54,7 @@ from chatrlhf.losses import (
 )
 from chatrlhf.models import (
     apply_lora,
+    hold_frozen_linears,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -376,6 +377,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     device = pick_device()
     harness = Harness(cfg, "ppo", device, on_step)
     models = load_models(cfg, tokenizer, model_path, reward_fn, device)
+    frozen = [models.policy, models.value, models.reference, models.reward]
+    restores = [hold_frozen_linears(m, harness.dtype) for m in frozen if m is not None]
     per_step = cfg.batch_size * harness.world
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
     state = train_state(cfg, models, steps, ptx)
@@ -398,6 +401,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
         "data": data_lineage(cfg.data.train, cfg.ptx_data),
         "invalid_records": invalid.summary(),
     }
+    for restore in restores:  # the fp32 weights back, for LoRA's merge
+        restore()
     export = functools.partial(_export, models=models, tokenizer=tokenizer, ema=state.extras.get("ema"))
     return harness.finish(export, lineage, PLOTS, processes=harness.world)
 
