@@ -479,3 +479,34 @@ def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, 
     after = {h: AutoModelForCausalLM.from_pretrained(tmp_path / f"hold{h}").state_dict() for h in runs}
     assert all(v.dtype == torch.float32 for v in after[True].values())
     assert all(torch.equal(after[True][k], after[False][k]) for k in after[False])
+
+
+def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the_policys(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    """A value and a reward model whose bottom layers are the policy's weights (here all three start from
+    one checkpoint) run only the layers above the shared trunk: values, scores, every metric and the export
+    equal separate full-depth forwards. A reward model with other weights is detected and runs in full."""
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.ppo import load_models
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
+    other_rm = make_tiny_model(tmp_path / "other_rm", tokenizer, seed=7)
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", lora=lora, reward_model=other_rm)
+    models = load_models(cfg, tokenizer, tiny_model, None, "cpu")
+    assert (models.trunk_layers, models.value_shares_trunk, models.reward_shares_trunk) == (1, True, False)
+    runs = {}
+    for shared in (True, False):
+        cfg = ppo_config(
+            tiny_model, prompts_file, tmp_path / f"share{shared}", max_steps=3, lora=lora,
+            reward_model=tiny_model, share_trunk=shared,
+        )  # fmt: skip
+        models = load_models(cfg, tokenizer, tiny_model, None, "cpu")
+        assert (models.value_shares_trunk, models.reward_shares_trunk) == (shared, shared)
+        train(cfg)
+        runs[shared] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/explained_variance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"share{s}").state_dict() for s in runs}
+    assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in after[False])

@@ -39,6 +39,10 @@ class Models:
     # > 0: the policy's first `trunk_layers` layers carry no adapters and the reference is the policy with its
     # adapters disabled, so their output is computed once per batch (`forward.trunk_hidden`) and shared
     trunk_layers: int = 0
+    # the value and reward models' first `trunk_layers` layers are the policy's weights too: they read the
+    # shared trunk and run only the layers above it
+    value_shares_trunk: bool = False
+    reward_shares_trunk: bool = False
 
 
 @dataclass
@@ -95,7 +99,8 @@ def score_rollouts(
     if models.value is None:  # rloo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)
     else:
-        values = token_values(models.value, sequences, mask, width) * gen.response_mask
+        value_trunk = trunk if models.value_shares_trunk else None
+        values = token_values(models.value, sequences, mask, width, value_trunk) * gen.response_mask
     if reward_fn is not None:
         ids = gen.token_lists(tokenizer.eos_token_id)
         scores = torch.tensor(
@@ -103,7 +108,8 @@ def score_rollouts(
         )
     else:
         last = width + gen.response_mask.sum(1) - 1
-        scores = sequence_scores(models.reward, sequences, mask, last) + models.reward_bias
+        reward_trunk = trunk if models.reward_shares_trunk else None
+        scores = sequence_scores(models.reward, sequences, mask, last, reward_trunk) + models.reward_bias
     return ScoredRollouts(sequences, mask, ref_logprobs, values, scores, trunk)
 
 

@@ -146,6 +146,29 @@ def trunk_matches_full_forward(model, layers: int, vocab: int) -> bool:
     return bool(torch.allclose(full, split, atol=1e-4, rtol=1e-4))
 
 
+def shares_trunk(model, other, layers: int) -> bool:
+    """Whether `model`'s first `layers` decoder layers and its token embeddings are `other`'s weights to the
+    bit (a value or reward model trained from the policy's start with those layers frozen, or not trained),
+    in the same decoder class: then the output of `other`'s trunk is this model's too."""
+    a = getattr(unwrap(model), unwrap(model).base_model_prefix)
+    b = unwrap(other).get_decoder()
+    if type(a) is not type(b) or len(a.layers) < layers or a.config.hidden_size != b.config.hidden_size:
+        return False
+    pairs = [(a.embed_tokens, b.embed_tokens)] + [(a.layers[i], b.layers[i]) for i in range(layers)]
+    pairs += [(a.rotary_emb, b.rotary_emb)] if hasattr(a, "rotary_emb") else []
+    for mine, theirs in pairs:
+        left, right = _base_state(mine), _base_state(theirs)
+        if left.keys() != right.keys() or not all(torch.equal(left[k], right[k]) for k in left):
+            return False
+    return True
+
+
+def _base_state(module) -> dict[str, torch.Tensor]:
+    """A module's weights and buffers under their names without PEFT's `base_layer.` wrapping."""
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return {name.replace(".base_layer", ""): t for name, t in own.items() if "lora_" not in name}
+
+
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) for logits (B, R, V) and tokens (B, R). Returns (B, R)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
@@ -155,11 +178,17 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 # scalar-head models: the reward model and the value model
 
 
-def backbone_hidden(model, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
+def backbone_hidden(
+    model, input_ids, attention_mask, position_ids=None, trunk: Trunk | None = None, **attention
+) -> torch.Tensor:
     """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
-    is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function."""
+    is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function. With
+    `trunk` (the output of first layers this model shares, `shares_trunk`) only the layers above it run."""
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
+    if trunk is not None:
+        with _only_layers(backbone, trunk.layers, None):
+            return _decode(backbone, attention_mask, inputs_embeds=trunk.hidden)
     if position_ids is None:
         position_ids = positions(attention_mask)
     out = backbone(
@@ -190,15 +219,17 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
     )
 
 
-def token_values(value_model, sequences, attention_mask, prompt_width: int) -> torch.Tensor:
+def token_values(value_model, sequences, attention_mask, prompt_width: int, trunk: Trunk | None = None):
     """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = backbone_hidden(value_model, sequences, attention_mask)
+    hidden = backbone_hidden(value_model, sequences, attention_mask, trunk=trunk)
     return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
 
 
-def sequence_scores(reward_model, sequences, attention_mask, last_index: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    reward_model, sequences, attention_mask, last_index: torch.Tensor, trunk: Trunk | None = None
+) -> torch.Tensor:
     """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = backbone_hidden(reward_model, sequences, attention_mask)
+    hidden = backbone_hidden(reward_model, sequences, attention_mask, trunk=trunk)
     return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
 
 

@@ -38,6 +38,7 @@ from chatrlhf.forward import (
     collate,
     gather_logprobs,
     response_logits,
+    shares_trunk,
     target_logits,
     token_values,
     trunk_matches_full_forward,
@@ -89,7 +90,8 @@ def minibatch_loss(
         "ppo/entropy": masked_mean(entropy_from_logits(logits.detach()), mask).item(),
     }
     if models.value is not None:
-        values = token_values(models.value, seq, att, exp.prompt_width)
+        value_trunk = trunk if models.value_shares_trunk else None
+        values = token_values(models.value, seq, att, exp.prompt_width, value_trunk)
         v_loss, v_clipfrac = value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
         loss = loss + cfg.vf_coef * v_loss
         stats.update({"ppo/value_loss": v_loss.item(), "ppo/value_clipfrac": v_clipfrac.item()})
@@ -286,9 +288,17 @@ def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -
         _same_vocabulary(reward_path, load_tokenizer(reward_path), tokenizer, "reward_model")
         reward = load_reward_model(reward_path, tokenizer, device).eval().requires_grad_(False)
         bias = float(getattr(reward.config, "reward_bias", 0.0) or 0.0)
-    return Models(
-        policy, value, reference, reward, bias, _shared_trunk(cfg, policy, reference, len(tokenizer))
-    )
+    layers = _shared_trunk(cfg, policy, reference, len(tokenizer))
+    shared = [m is not None and layers > 0 and shares_trunk(m, policy, layers) for m in (value, reward)]
+    if layers:
+        users = ["policy", "reference"] + [
+            n for n, yes in zip(("value model", "reward model"), shared) if yes
+        ]
+        print(
+            f"ppo: share_trunk: layers 0-{layers - 1} run once per batch for the {', '.join(users)}",
+            file=sys.stderr,
+        )
+    return Models(policy, value, reference, reward, bias, layers, *shared)
 
 
 def _shared_trunk(cfg: PPOConfig, policy, reference, vocab: int) -> int:
