@@ -288,6 +288,19 @@ def loop_timing(seen: list[tuple[float, dict]], times: list[float], call_s: floa
     }
 
 
+def episode_rates(episodes: int, wall: float, steps: list[float]) -> dict:
+    """A PPO run's episodes/s and per-batch seconds, with `step_stats` of its batches."""
+    return {
+        "episodes": episodes,
+        "ppo_batches": len(steps),
+        "episodes_per_s": round(episodes / wall, 3),
+        "train_wall_s": round(wall, 2),
+        "s_per_ppo_batch": round(wall / len(steps), 2),
+        "step_s": [round(t, 3) for t in steps],
+        **step_stats(steps),
+    }
+
+
 def step_stats(times: list[float]) -> dict:
     out = {
         "step_s_first": round(times[0], 3),

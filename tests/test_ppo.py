@@ -61,6 +61,14 @@ def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
     return PPOConfig(**base)
 
 
+def assert_same_metrics(runs: dict[bool, list[dict]], extra: tuple[str, ...], exact: bool = False) -> None:
+    """Every step of the runs with a feature on (`runs[True]`) and off logged the same reward, KL, losses and
+    `extra` metrics: bit for bit when `exact`, else to fp32 tolerance."""
+    for on, off in zip(runs[True], runs[False], strict=True):
+        for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", *extra):
+            assert on[key] == (off[key] if exact else pytest.approx(off[key], rel=1e-4, abs=1e-5)), key
+
+
 def test_left_padded_logprobs_equal_each_sequence_alone(tiny_model, tokenizer):
     model = load_causal_lm(tiny_model, tokenizer).eval()
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS[:3]]
@@ -394,16 +402,7 @@ def test_shared_trunk_changes_no_number_and_no_frozen_weight(tiny_model, tokeniz
         assert models.trunk_layers == (1 if shared else 0) and models.reference is None
         train(cfg, reward_fn=low_half_reward(len(tokenizer)))
         runs[shared] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
-    for with_trunk, without in zip(runs[True], runs[False], strict=True):
-        for key in (
-            "ppo/reward",
-            "ppo/kl",
-            "ppo/policy_loss",
-            "ppo/approx_kl",
-            "ppo/entropy",
-            "ppo/value_loss",
-        ):
-            assert with_trunk[key] == pytest.approx(without[key], rel=1e-4, abs=1e-5), key
+    assert_same_metrics(runs, ("ppo/approx_kl", "ppo/entropy"))
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"trunk{s}").state_dict() for s in runs}
     assert all(torch.equal(before[k], after[True][k]) for k in before if ".layers.0." in k or "embed" in k)
@@ -466,16 +465,7 @@ def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, 
         train(cfg)
         runs[hold] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
     assert held and all(n > 0 for n in held)  # policy, value and reward model each held some weights
-    for a, b in zip(runs[True], runs[False], strict=True):
-        for key in (
-            "ppo/reward",
-            "ppo/kl",
-            "ppo/policy_loss",
-            "ppo/value_loss",
-            "ppo/entropy",
-            "ppo/grad_norm",
-        ):
-            assert a[key] == b[key], key
+    assert_same_metrics(runs, ("ppo/entropy", "ppo/grad_norm"), exact=True)
     after = {h: AutoModelForCausalLM.from_pretrained(tmp_path / f"hold{h}").state_dict() for h in runs}
     assert all(v.dtype == torch.float32 for v in after[True].values())
     assert all(torch.equal(after[True][k], after[False][k]) for k in after[False])
@@ -505,8 +495,6 @@ def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the
         assert (models.value_shares_trunk, models.reward_shares_trunk) == (shared, shared)
         train(cfg)
         runs[shared] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
-    for a, b in zip(runs[True], runs[False], strict=True):
-        for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/explained_variance"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert_same_metrics(runs, ("ppo/explained_variance",))
     after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"share{s}").state_dict() for s in runs}
     assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in after[False])
