@@ -190,7 +190,7 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
             warmup_ratio=0.1,
             lora=LoraConfig(rank=16, layers=min(8, depth)),
             max_new_tokens=tokens,
-            kl_coef=0.05,
+            kl_coef=0.2,
             ppo_epochs=2,
             minibatches=2,
             missing_eos_penalty=1.0,
