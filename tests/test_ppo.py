@@ -147,11 +147,12 @@ def test_reference_stays_bit_identical_through_an_update_that_changes_the_policy
     assert all(torch.equal(p, before[n]) for n, p in models.reference.named_parameters())
 
 
-def _experience(tiny_model, tokenizer, prompts_file, tmp_path, **kw):
+def _experience(tiny_model, tokenizer, prompts_file, tmp_path, models=None, **kw):
     from chatrlhf.ppo import load_models
 
     cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", **kw)
-    models = load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
+    if models is None:
+        models = load_models(cfg, tokenizer, tiny_model, low_half_reward(len(tokenizer)), "cpu")
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS]
     gen = rollout(models, prompts, cfg, tokenizer, torch.Generator().manual_seed(0))
     scored = score_rollouts(
@@ -498,3 +499,142 @@ def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the
     assert_same_metrics(runs, ("ppo/explained_variance",))
     after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"share{s}").state_dict() for s in runs}
     assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in after[False])
+
+
+def test_value_head_on_the_policy_learns_in_one_forward_and_resumes_exactly(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    """`value_model: policy`: no value model, a scalar head on the policy's last hidden state. The reward
+    rises, the head learns (value loss falls, its weights leave zero), the export holds the head and no
+    value model, and an interrupted run resumes to the same metrics."""
+    from safetensors.torch import load_file
+
+    reward = low_half_reward(len(tokenizer))
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "ppo", max_steps=16, top_k=10, value_model="policy")
+    train(cfg, reward_fn=reward)
+    rows = [r for r in read_metrics(cfg.output_dir) if "ppo/reward" in r]
+    rewards, value_losses = [r["ppo/reward"] for r in rows], [r["ppo/value_loss"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
+    assert sum(value_losses[-4:]) < sum(value_losses[:4]), value_losses
+    assert "ppo/explained_variance" in rows[-1]
+    head = load_file(str(tmp_path / "ppo" / "value_head.safetensors"))
+    assert head["weight"].shape == (1, 32) and head["weight"].abs().sum() > 0
+    assert not (tmp_path / "ppo" / "value").exists()
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 3:
+            raise Killed
+
+    runs = {}
+    for name in ("whole", "cut"):
+        run = ppo_config(
+            tiny_model, prompts_file, tmp_path / name, max_steps=4, save_every=2, value_model="policy"
+        )
+        if name == "cut":
+            with pytest.raises(Killed):
+                train(run, reward_fn=reward, on_step=kill)
+            run.resume = True
+        train(run, reward_fn=reward)
+        runs[name] = [r for r in read_metrics(run.output_dir) if "ppo/reward" in r]
+    assert len(runs["whole"]) == len(runs["cut"]) == 4
+    assert_same_metrics({True: runs["cut"], False: runs["whole"]}, ("ppo/explained_variance",))
+
+
+def test_value_head_on_the_policy_reads_the_hidden_states_of_one_policy_forward(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    """With LoRA in the last layer and the trunk shared, the rollout values are the head on the policy's
+    full-depth hidden states, and a minibatch's loss runs the decoder's layers once for the policy and its
+    value head together (a separate value model runs them a second time)."""
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.forward import response_hidden
+    from chatrlhf.models import unwrap
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
+    calls = []
+
+    def count(module, args, output):
+        if type(module).__name__.endswith("DecoderLayer"):
+            calls.append(module)
+
+    layers = AutoModelForCausalLM.from_pretrained(tiny_model).config.num_hidden_layers
+    for value_model, forwards in (("policy", 1), (tiny_model, 2)):
+        cfg, models, exp = _experience(
+            tiny_model, tokenizer, prompts_file, tmp_path, lora=lora, value_model=value_model
+        )
+        assert models.trunk_layers == 1
+        if value_model == "policy":
+            assert models.value is None and models.has_critic
+            with torch.no_grad():
+                models.value_head.weight.normal_()  # a head away from zero, so the check can fail
+                hidden = response_hidden(models.policy, exp.sequences, exp.attention_mask, exp.prompt_width)
+                expected = models.value_head(hidden)[..., 0] * exp.response_mask
+            _, _, exp = _experience(
+                tiny_model, tokenizer, prompts_file, tmp_path, lora=lora, value_model="policy", models=models
+            )
+            assert torch.allclose(exp.values, expected, atol=1e-5) and exp.values.abs().sum() > 0
+        calls.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            loss, stats = minibatch_loss(models, exp, torch.arange(4), cfg)
+        finally:
+            handle.remove()
+        assert len(calls) == forwards * (layers - models.trunk_layers)
+        loss.backward()
+        assert "ppo/value_loss" in stats
+        if value_model == "policy":
+            assert models.value_head.weight.grad.abs().sum() > 0
+            lora_grads = [p.grad for p in unwrap(models.policy).parameters() if p.requires_grad]
+            assert all(g is not None for g in lora_grads)
+
+
+def test_value_head_on_the_policy_needs_gae(tmp_path, tiny_model, prompts_file):
+    result = chatrlhf(
+        "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--data.train", prompts_file,
+        "--output_dir", str(tmp_path / "out"), "--value_model", "policy",
+        "--advantage_estimator", "rloo", "--samples_per_prompt", "2",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "value_model: policy" in result.stderr and "rloo" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_freeze_layers_full_fine_tune_shares_the_frozen_trunk_with_reference_value_and_reward(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    """Full fine-tuning with the bottom layer frozen, and a reward model trained from the same start with
+    `freeze_layers` too: reference, value and reward model all read the policy's trunk, and every metric and
+    the export equal separate full-depth forwards; the frozen layer stays bit-identical."""
+    from conftest import preference_rows
+
+    from chatrlhf.configs import RewardConfig
+    from chatrlhf.ppo import load_models
+    from chatrlhf.reward import train as train_reward
+
+    rm = RewardConfig(
+        model=tiny_model, data=DataConfig(train=write_jsonl(tmp_path / "rank.jsonl", preference_rows(40, 0))),
+        output_dir=str(tmp_path / "rm"), batch_size=8, lr=1e-3, save_every=0, dtype="fp32", freeze_layers=1,
+    )  # fmt: skip
+    train_reward(rm)
+    runs = {}
+    for shared in (True, False):
+        cfg = ppo_config(
+            tiny_model, prompts_file, tmp_path / f"frozen{shared}", max_steps=3, freeze_layers=1,
+            reward_model=rm.output_dir, value_model=rm.output_dir, share_trunk=shared,
+        )  # fmt: skip
+        models = load_models(cfg, tokenizer, tiny_model, None, "cpu")
+        assert models.reference is not None
+        assert (models.trunk_layers, models.value_shares_trunk, models.reward_shares_trunk) == (
+            (1, True, True) if shared else (0, False, False)
+        )
+        train(cfg)
+        runs[shared] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
+    assert_same_metrics(runs, ("ppo/explained_variance", "ppo/approx_kl"))
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = {s: AutoModelForCausalLM.from_pretrained(tmp_path / f"frozen{s}").state_dict() for s in runs}
+    assert all(torch.equal(before[k], after[True][k]) for k in before if ".layers.0." in k or "embed" in k)
+    assert any(not torch.equal(before[k], after[True][k]) for k in before if ".layers.1." in k)
+    assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in before)

@@ -304,3 +304,18 @@ def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer, attent
     for rewards, grad in grads[1:]:
         assert torch.allclose(grads[0][0], rewards, atol=1e-5)
         assert torch.allclose(grads[0][1], grad, atol=1e-5)
+
+
+def test_freeze_layers_trains_the_top_and_head_and_keeps_the_bottom_to_the_bit(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(240, 0))
+    cfg = RewardConfig(
+        model=tiny_model, data=DataConfig(train=data), output_dir=str(tmp_path / "rm"), epochs=3, batch_size=8,
+        lr=3e-3, eval_fraction=0.2, save_every=0, dtype="fp32", freeze_layers=1,
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["rm/accuracy"] > 0.8
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).state_dict()
+    after = AutoModelForSequenceClassification.from_pretrained(cfg.output_dir).state_dict()
+    bottom = [k for k in before if "embed_tokens" in k or ".layers.0." in k]
+    assert bottom and all(torch.equal(before[k], after[k]) for k in bottom)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".layers.1." in k)

@@ -277,3 +277,37 @@ def test_a_diverging_run_stops_at_the_step_naming_it_and_keeps_no_model(tiny_mod
     assert "the loss became NaN or infinite at step" in result.stderr and "try a lower lr" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_freeze_layers_keeps_the_embeddings_and_bottom_layers_and_trains_the_rest(
+    tokenizer, demos_file, tmp_path
+):
+    from conftest import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "three", tokenizer, layers=3)
+    cfg = config(folder, demos_file, tmp_path / "sft", freeze_layers=2)
+    train(cfg)
+    before, after = weights(folder), weights(tmp_path / "sft")
+    frozen = [k for k in before if "embed_tokens" in k or ".layers.0." in k or ".layers.1." in k]
+    trained = [k for k in before if ".layers.2." in k]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("proj.weight"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--freeze_layers", "3"], "freeze_layers: 3 is not between 0 and the model's 2 layers"),
+        (["--freeze_layers", "-1"], "freeze_layers: -1 is negative"),
+        (["--freeze_layers", "1", "--lora.rank", "4"], "freeze_layers: with LoRA only the adapters train"),
+    ],
+)
+def test_impossible_freeze_layers_stop_with_the_key(tiny_model, demos_file, tmp_path, flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "chatrlhf", "sft", "--model", tiny_model, "--data.train", demos_file,
+         "--output_dir", str(tmp_path / "out"), *flags],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

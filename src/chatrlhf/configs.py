@@ -89,6 +89,11 @@ class TrainConfig:
         "fp32 | bf16 | auto (bf16 on CUDA, and on a CPU where a timed matmul shows it faster than fp32)",
     )
     lora: LoraConfig = help_field(LoraConfig(), "LoRA adapters (peft); rank 0 is off")
+    freeze_layers: int = help_field(
+        0,
+        "full fine-tuning with the token embeddings and the first N transformer layers frozen (0: none); "
+        "backward stops above them, and PPO runs shared frozen layers once per batch",
+    )
     gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
     resume: bool = help_field(False, "continue from the last complete checkpoint in output_dir")
     save_every: int = help_field(100, "steps between resumable checkpoints; 0 saves only at the end")
@@ -164,7 +169,11 @@ class PPOConfig(TrainConfig):
 
     output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
     reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
-    value_model: str = help_field("", "value model start; empty: the reward model (InstructGPT)")
+    value_model: str = help_field(
+        "",
+        "value model start; empty: the reward model (InstructGPT) | policy: no value model, a scalar head on "
+        "the policy's last hidden state, trained with it in one backward (about half the update's cost)",
+    )
     reference_model: str = help_field(
         "",
         "frozen model of the KL penalty; empty: the starting policy (set it to the SFT model when PPO "
@@ -173,8 +182,9 @@ class PPOConfig(TrainConfig):
     batch_size: int = help_field(8, "prompts per PPO step")
     share_trunk: bool = help_field(
         True,
-        "with LoRA in the last lora.layers layers and the reference the policy without adapters: run the "
-        "layers below once per batch, for the reference and every update pass",
+        "run the layers the policy shares with the reference once per batch, for the reference, every "
+        "update pass, and a value or reward model whose bottom is the same weights: the layers below LoRA "
+        "in the last lora.layers, or the freeze_layers frozen ones",
     )
     samples_per_prompt: int = help_field(
         1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"

@@ -18,6 +18,7 @@ from chatrlhf.configs import PPOConfig
 from chatrlhf.forward import (
     Trunk,
     gather_logprobs,
+    response_hidden,
     response_logits,
     sequence_scores,
     token_values,
@@ -32,7 +33,7 @@ RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]
 @dataclass
 class Models:
     policy: torch.nn.Module
-    value: torch.nn.Module | None  # None: rloo advantages need no value model
+    value: torch.nn.Module | None  # None: rloo advantages, or the value head on the policy
     reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
     reward: torch.nn.Module | None  # None: a reward function is used
     reward_bias: float = 0.0
@@ -43,6 +44,12 @@ class Models:
     # shared trunk and run only the layers above it
     value_shares_trunk: bool = False
     reward_shares_trunk: bool = False
+    # `value_model: policy`: a scalar head on the policy's last hidden state instead of a value model
+    value_head: torch.nn.Module | None = None
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value is not None or self.value_head is not None
 
 
 @dataclass
@@ -93,10 +100,14 @@ def score_rollouts(
         with models.policy.disable_adapter():
             ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature, trunk)
     else:
-        ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature)
+        # a separate reference shares the trunk only when it is the policy's frozen bottom (`freeze_layers`)
+        ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature, trunk)
     ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
     del ref_logits
-    if models.value is None:  # rloo: the other answers to the prompt are the baseline
+    if models.value_head is not None:  # value_model: policy
+        hidden = response_hidden(models.policy, sequences, mask, width, trunk)
+        values = models.value_head(hidden)[..., 0].float() * gen.response_mask
+    elif models.value is None:  # rloo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)
     else:
         value_trunk = trunk if models.value_shares_trunk else None

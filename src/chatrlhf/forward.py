@@ -80,14 +80,32 @@ def response_logits(
     """Temperature-scaled logits at the positions that predict each answer token of left-padded prompts
     followed by right-padded answers. With `trunk` (the hidden states after the model's first layers, from
     `trunk_hidden`) only the layers above it run. Returns (B, R, V) fp32."""
-    base = unwrap(model)
-    decoder = base.get_decoder()
+    hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
+    return unwrap(model).get_output_embeddings()(hidden).float() / temperature
+
+
+def logits_and_values(
+    model, value_head, sequences, attention_mask, prompt_width: int, temperature: float, trunk=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logits` and, from the same hidden states, a value head on the policy (`value_model:
+    policy`): one forward, and in the update one backward, for both. Returns ((B, R, V), (B, R)) fp32."""
+    hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
+    logits = unwrap(model).get_output_embeddings()(hidden).float() / temperature
+    return logits, value_head(hidden)[..., 0].float()
+
+
+def response_hidden(
+    model, sequences, attention_mask, prompt_width: int, trunk: Trunk | None = None
+) -> torch.Tensor:
+    """The causal LM's last hidden states (after the final norm) at the positions that predict each answer
+    token: what `response_logits` unembeds, and what a value head on the policy reads. Returns (B, R, D)."""
+    decoder = unwrap(model).get_decoder()
     if trunk is None:
         hidden = _decode(decoder, attention_mask, input_ids=sequences)
     else:
         with _only_layers(decoder, trunk.layers, None):
             hidden = _decode(decoder, attention_mask, inputs_embeds=trunk.hidden)
-    return base.get_output_embeddings()(hidden[:, prompt_width - 1 : -1]).float() / temperature
+    return hidden[:, prompt_width - 1 : -1]
 
 
 def _decode(decoder, attention_mask, **inputs) -> torch.Tensor:

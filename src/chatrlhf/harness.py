@@ -50,6 +50,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError("lr: must be positive")
     if cfg.lr_scheduler not in SCHEDULERS:
         raise UserError(f"lr_scheduler: {cfg.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if cfg.freeze_layers < 0:
+        raise UserError(f"freeze_layers: {cfg.freeze_layers} is negative")
+    if cfg.freeze_layers and cfg.lora.enabled:
+        raise UserError(
+            "freeze_layers: with LoRA only the adapters train already; lora.layers keeps them out of the "
+            "bottom layers"
+        )
     resolve_dtype(cfg.dtype)
     RunDir(cfg.output_dir).check_writable(cfg.resume, cfg.overwrite)
 

@@ -249,6 +249,22 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, peft_config)
 
 
+def freeze_bottom(model, layers: int) -> None:
+    """`freeze_layers`: the token embeddings (and an output layer tied to them) and the first `layers`
+    decoder layers get no gradient and keep their weights to the bit; backward stops above them. A reward or
+    value model trained from the SFT model this way shares those layers with the policy, which PPO then runs
+    once per batch for all of them (`share_trunk`)."""
+    if layers == 0:
+        return
+    base = unwrap(model)
+    backbone = getattr(base, base.base_model_prefix)
+    depth = base.config.num_hidden_layers
+    if not 0 < layers <= depth:
+        raise UserError(f"freeze_layers: {layers} is not between 0 and the model's {depth} layers")
+    for module in [backbone.embed_tokens, *backbone.layers[:layers]]:
+        module.requires_grad_(False)
+
+
 def hold_frozen_linears(model, dtype: torch.dtype):
     """Hold the frozen Linear weights of `model` as `dtype` copies, for compute under autocast to `dtype`;
     returns a function that puts the original weights back (before LoRA is merged for export).

@@ -4,8 +4,9 @@ per-token KL penalty keeps the policy near the SFT model (InstructGPT section 3.
     chatrlhf ppo --config ppo.yaml --max_steps 20
 
 Four models: the policy (from the SFT checkpoint), a frozen reference (the SFT model; with LoRA, the policy
-with its adapters disabled), a value model initialised from the reward model, and the reward model. Each
-step runs named phases, each timed (`ppo_step`):
+with its adapters disabled), a value model initialised from the reward model (or, with `value_model: policy`,
+a scalar head on the policy itself), and the reward model. Each step runs named phases, each timed
+(`ppo_step`):
 
     prompts -> rollout -> score_rollouts -> make_experience (all three in `experience.py`)
     -> ppo_update (clipped policy and value losses, optional PPO-ptx; here) -> log
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
+from safetensors.torch import save_file
 from transformers import set_seed
 
 from chatrlhf.chat import prompt_ids
@@ -37,6 +39,7 @@ from chatrlhf.experience import Experience, Models, RewardFn, make_experience, r
 from chatrlhf.forward import (
     collate,
     gather_logprobs,
+    logits_and_values,
     response_logits,
     shares_trunk,
     target_logits,
@@ -44,7 +47,7 @@ from chatrlhf.forward import (
     trunk_matches_full_forward,
 )
 from chatrlhf.generation import Generation
-from chatrlhf.harness import Harness, TrainState, autocast, check_config, make_optimizer
+from chatrlhf.harness import Harness, TrainState, autocast, check_config, make_optimizer, trainable_state
 from chatrlhf.losses import (
     entropy_from_logits,
     explained_variance,
@@ -55,6 +58,7 @@ from chatrlhf.losses import (
 )
 from chatrlhf.models import (
     apply_lora,
+    freeze_bottom,
     hold_frozen_linears,
     load_causal_lm,
     load_reward_model,
@@ -76,7 +80,12 @@ def minibatch_loss(
     """PPO loss on the rollouts `idx` (+ ptx_coef * LM loss on `ptx_rows`). Returns (loss, stats)."""
     seq, att, mask = exp.sequences[idx], exp.attention_mask[idx], exp.response_mask[idx].float()
     trunk = exp.trunk.rows(idx) if exp.trunk is not None else None
-    logits = response_logits(models.policy, seq, att, exp.prompt_width, cfg.temperature, trunk)
+    if models.value_head is not None:  # one forward for the policy and its value head
+        logits, values = logits_and_values(
+            models.policy, models.value_head, seq, att, exp.prompt_width, cfg.temperature, trunk
+        )
+    else:
+        logits = response_logits(models.policy, seq, att, exp.prompt_width, cfg.temperature, trunk)
     response = seq[:, exp.prompt_width :]
     logprobs = gather_logprobs(logits, response)
     pg_loss, pg_stats = ppo_policy_loss(
@@ -92,6 +101,7 @@ def minibatch_loss(
     if models.value is not None:
         value_trunk = trunk if models.value_shares_trunk else None
         values = token_values(models.value, seq, att, exp.prompt_width, value_trunk)
+    if models.has_critic:
         v_loss, v_clipfrac = value_loss(values, exp.values[idx], exp.returns[idx], mask, cfg.value_clip)
         loss = loss + cfg.vf_coef * v_loss
         stats.update({"ppo/value_loss": v_loss.item(), "ppo/value_clipfrac": v_clipfrac.item()})
@@ -110,7 +120,7 @@ class _PPOLoss(torch.nn.Module):
 
     def __init__(self, models: Models, cfg: PPOConfig, pad_id: int):
         super().__init__()
-        self.policy, self.value = models.policy, models.value
+        self.policy, self.value, self.value_head = models.policy, models.value, models.value_head
         self.models, self.cfg, self.pad_id = models, cfg, pad_id
 
     def forward(self, exp: Experience, idx: torch.Tensor, ptx_rows=None):
@@ -245,6 +255,11 @@ def _check(cfg: PPOConfig, reward_fn) -> None:
         raise UserError("minibatches, ppo_epochs, max_new_tokens and samples_per_prompt must be at least 1")
     if cfg.advantage_estimator not in ("gae", "rloo"):
         raise UserError(f"advantage_estimator: {cfg.advantage_estimator!r} is not gae or rloo")
+    if cfg.value_model == POLICY_VALUE and cfg.advantage_estimator != "gae":
+        raise UserError(
+            f"value_model: policy puts a value head on the policy for GAE; advantage_estimator "
+            f"{cfg.advantage_estimator} uses no value model"
+        )
     if cfg.advantage_estimator == "rloo" and cfg.samples_per_prompt < 2:
         raise UserError(
             "advantage_estimator: rloo compares the answers to one prompt, so samples_per_prompt must be "
@@ -273,11 +288,15 @@ def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
-    value = None
-    if cfg.advantage_estimator == "gae":
+    freeze_bottom(policy, cfg.freeze_layers)
+    value = value_head = None
+    if cfg.advantage_estimator == "gae" and cfg.value_model == POLICY_VALUE:
+        value_head = policy_value_head(policy, device)
+    elif cfg.advantage_estimator == "gae":
         value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
         _same_vocabulary(value_path, load_tokenizer(value_path), tokenizer, "value_model")
         value = load_reward_model(value_path, tokenizer, device)
+        freeze_bottom(value, cfg.freeze_layers)
     if cfg.lora.enabled and value is not None:
         value = apply_lora(value, cfg.lora)
         for name, p in value.named_parameters():
@@ -298,27 +317,52 @@ def load_models(cfg: PPOConfig, tokenizer, model_path: str, reward_fn, device) -
             f"ppo: share_trunk: layers 0-{layers - 1} run once per batch for the {', '.join(users)}",
             file=sys.stderr,
         )
-    return Models(policy, value, reference, reward, bias, layers, *shared)
+    return Models(policy, value, reference, reward, bias, layers, *shared, value_head=value_head)
+
+
+POLICY_VALUE = "policy"  # value_model: a scalar head on the policy instead of a separate value model
+
+
+def policy_value_head(policy, device) -> torch.nn.Linear:
+    """The value head of `value_model: policy`: a fp32 scalar Linear on the policy's last hidden state,
+    zero-initialised so that it predicts 0 (the scale of a normalised reward model's scores) and sends no
+    gradient into the policy until it has learned something."""
+    head = torch.nn.Linear(unwrap(policy).config.hidden_size, 1).to(device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
 
 
 def _shared_trunk(cfg: PPOConfig, policy, reference, vocab: int) -> int:
-    """How many of the policy's first layers it shares with the reference (LoRA only in the last
-    `lora.layers`, the reference the policy without its adapters): 0 when none, or when `share_trunk` is off
-    or this model class does not split cleanly."""
+    """How many of the policy's first layers it shares with the reference: with LoRA only in the last
+    `lora.layers` (the reference the policy without its adapters) the layers below them, with full
+    fine-tuning the `freeze_layers` frozen ones (when the reference's are the same weights). 0 when none, or
+    when `share_trunk` is off or this model class does not split cleanly."""
     depth = policy.config.num_hidden_layers
-    if not (cfg.share_trunk and cfg.lora.enabled and 0 < cfg.lora.layers < depth and reference is None):
+    if not cfg.share_trunk:
         return 0
-    if not trunk_matches_full_forward(policy, depth - cfg.lora.layers, vocab):
+    if cfg.lora.enabled and 0 < cfg.lora.layers < depth and reference is None:
+        layers = depth - cfg.lora.layers
+    elif (
+        0 < cfg.freeze_layers < depth
+        and reference is not None
+        and shares_trunk(reference, policy, cfg.freeze_layers)
+    ):
+        layers = cfg.freeze_layers
+    else:
+        return 0
+    if not trunk_matches_full_forward(policy, layers, vocab):
         print(
             f"ppo: share_trunk: {type(unwrap(policy)).__name__} does not split cleanly; off", file=sys.stderr
         )
         return 0
-    return depth - cfg.lora.layers
+    return layers
 
 
 def trained(models: Models) -> dict[str, torch.nn.Module]:
     """The models PPO updates, by checkpoint name."""
-    return {"policy": models.policy} | ({"value": models.value} if models.value is not None else {})
+    named = {"policy": models.policy, "value": models.value, "value_head": models.value_head}
+    return {name: model for name, model in named.items() if model is not None}
 
 
 def train_state(cfg: PPOConfig, models: Models, steps: int, ptx: PtxStream | None) -> TrainState:
@@ -444,7 +488,7 @@ def ppo_step(run: PPORun, step: int) -> tuple[dict[str, float], list[list[dict]]
         optimizer, ptx, ema = run.state.optimizer, run.state.extras.get("ptx"), run.state.extras.get("ema")
         metrics.update(ppo_update(harness.accelerator, run.wrapped, exp, cfg, optimizer, generator, ptx, ema))
     run.state.scheduler.step()
-    metrics.update(_rollout_metrics(exp, gen, kl_ctl.value, models.value is not None))
+    metrics.update(_rollout_metrics(exp, gen, kl_ctl.value, models.has_critic))
     metrics["timing/step"] = time.perf_counter() - began
     if harness.world > 1:
         metrics = _mean_over_processes(harness.accelerator, metrics, harness.device)
@@ -511,3 +555,5 @@ def _export(folder: Path, models: Models, tokenizer, ema) -> None:
     save_model(models.policy, folder, tokenizer)
     if models.value is not None:
         save_model(models.value, folder / "value")
+    if models.value_head is not None:
+        save_file(trainable_state(models.value_head), str(folder / "value_head.safetensors"))

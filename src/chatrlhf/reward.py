@@ -31,6 +31,7 @@ from chatrlhf.harness import autocast, check_config
 from chatrlhf.losses import ranking_loss, ranking_pairs
 from chatrlhf.models import (
     apply_lora,
+    freeze_bottom,
     load_reward_model,
     load_tokenizer,
     pick_device,
@@ -217,6 +218,7 @@ def train(cfg: RewardConfig, on_step=None) -> dict[str, float]:
         model = apply_lora(model, cfg.lora)
         for name, p in model.named_parameters():
             p.requires_grad = p.requires_grad or name.split(".")[-2] == "score"  # the new head always trains
+    freeze_bottom(model, cfg.freeze_layers)
     lineage = {
         "parent": model_path,
         "data": data_lineage(d.train, d.eval, cfg.normalize_with),

@@ -29,6 +29,7 @@ from chatrlhf.harness import check_config
 from chatrlhf.losses import token_nll
 from chatrlhf.models import (
     apply_lora,
+    freeze_bottom,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -97,6 +98,7 @@ def _fit_lm(
     model = load_causal_lm(model_path, tokenizer, pick_device())
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    freeze_bottom(model, cfg.freeze_layers)
     lineage = {
         "parent": model_path,
         "data": data_lineage(d.train, d.eval),
