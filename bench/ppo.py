@@ -37,6 +37,7 @@ repository root:
     .venv/bin/python bench/ppo.py                        # both rows, TRL then chatrlhf in each
     .venv/bin/python bench/ppo.py --workload lora --out bench/out/ppo_lora.jsonl
     .venv/bin/python bench/ppo.py --workload full --repeat 2 --skip-trl --dtype bf16
+    .venv/bin/python bench/ppo.py --workload lora --value-model policy   # chatrlhf's head on the policy
 
 stdout gets one JSON line per framework run, then per row a summary JSON line (`"summary": true`,
 `"workload"`) and a short table; logs go to stderr. episodes/s = episodes / training wall time.
@@ -277,6 +278,8 @@ def run_chatrlhf(args, name: str, dtype: str) -> dict:
         dtype,
         "--threads",
         str(args.threads),
+        "--value-model",
+        args.value_model,
     )
     return common.run_json_child(cmd, error_detail=True)
 
@@ -324,6 +327,7 @@ def summarize(results: dict[str, list[dict]], args, wl: dict, dtype: str) -> dic
         },
         "repeat": args.repeat,
         "chatrlhf_dtype": dtype,
+        "chatrlhf_value_model": args.value_model,
         "trl_dtype": dtype if wl["name"] == "lora" else "fp32",
         "torch_threads": args.threads,
         "trl": trl,
@@ -520,6 +524,8 @@ def child_main(args) -> None:
         data = Path(tmp) / "rl_prompts.jsonl"
         common.write_rows(rows, data)
         cfg = ppo_config(anchor, wl, data, Path(tmp) / "run", Path(args.model_dir), args.dtype)
+        if args.value_model == "policy":
+            cfg.value_model = "policy"
         _, seen, call_s = common.run_training(train, cfg)
         peak_rss = common.peak_rss_mib()
     widths = prompt_widths(cfg, rows, len(seen))
@@ -542,6 +548,7 @@ def child_main(args) -> None:
         "framework": "chatrlhf",
         "trainer": "chatrlhf.ppo.train",
         "dtype": args.dtype,
+        "value_model": args.value_model,
         **common.episode_rates(episodes, wall, times),
         "generation_s": round(sum(gen), 2),
         "score_s": round(sum(score), 2),
@@ -579,6 +586,13 @@ def parse_args(argv=None):
     )
     ap.add_argument(
         "--lora-steps", type=int, default=LORA_STEPS, help=f"PPO steps of the lora row (default {LORA_STEPS})"
+    )
+    ap.add_argument(
+        "--value-model",
+        choices=("model", "policy"),
+        default="model",
+        help="chatrlhf's critic: a separate value model from the reward model as TRL's (default), or "
+        "`value_model: policy`, a head on the policy with one forward and backward for both (not TRL's method)",
     )
     ap.add_argument("--model-dir", default=str(MODEL_DIR), help=argparse.SUPPRESS)  # e.g. a tiny test model
     args = common.parse_comparison(ap, argv)
