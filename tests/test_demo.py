@@ -106,3 +106,15 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
     assert f"chatrlhf chat {out / 'iter1' / 'ppo'}" in result.stdout.replace("\n", "")
+
+
+def test_the_demo_reward_model_freezes_exactly_the_trunk_ppo_shares(tmp_path):
+    """The demo's reward model trains only the layers where PPO's adapters are, so PPO scores every rollout
+    from the trunk it computes for the reference anyway; on a model shallower than that it trains all."""
+    from chatrlhf.configs import DemoConfig
+    from chatrlhf.demo import pipeline_config
+
+    cfg = pipeline_config(DemoConfig(), tmp_path, depth=30)
+    assert cfg.reward.freeze_layers == 30 - cfg.ppo.lora.layers == 22 and cfg.ppo.share_trunk
+    small = pipeline_config(DemoConfig(), tmp_path, depth=2)
+    assert small.reward.freeze_layers == 0 and small.ppo.lora.layers == 2
