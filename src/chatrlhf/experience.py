@@ -18,6 +18,7 @@ from chatrlhf.configs import PPOConfig
 from chatrlhf.forward import (
     Trunk,
     gather_logprobs,
+    head_values,
     response_hidden,
     response_logits,
     sequence_scores,
@@ -106,7 +107,7 @@ def score_rollouts(
     del ref_logits
     if models.value_head is not None:  # value_model: policy
         hidden = response_hidden(models.policy, sequences, mask, width, trunk)
-        values = models.value_head(hidden)[..., 0].float() * gen.response_mask
+        values = head_values(models.value_head, hidden) * gen.response_mask
     elif models.value is None:  # rloo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)
     else:

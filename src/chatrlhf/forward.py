@@ -81,7 +81,16 @@ def response_logits(
     followed by right-padded answers. With `trunk` (the hidden states after the model's first layers, from
     `trunk_hidden`) only the layers above it run. Returns (B, R, V) fp32."""
     hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
+    return _unembed(model, hidden, temperature)
+
+
+def _unembed(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     return unwrap(model).get_output_embeddings()(hidden).float() / temperature
+
+
+def head_values(value_head, hidden: torch.Tensor) -> torch.Tensor:
+    """A value head on the policy (`value_model: policy`) at hidden states (..., D) -> (...) in fp32."""
+    return value_head(hidden)[..., 0].float()
 
 
 def logits_and_values(
@@ -90,8 +99,7 @@ def logits_and_values(
     """`response_logits` and, from the same hidden states, a value head on the policy (`value_model:
     policy`): one forward, and in the update one backward, for both. Returns ((B, R, V), (B, R)) fp32."""
     hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
-    logits = unwrap(model).get_output_embeddings()(hidden).float() / temperature
-    return logits, value_head(hidden)[..., 0].float()
+    return _unembed(model, hidden, temperature), head_values(value_head, hidden)
 
 
 def response_hidden(
