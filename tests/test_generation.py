@@ -1,5 +1,7 @@
-"""The token sampler: exact distribution, never a token of probability 0, reproducible from a seed."""
+"""The token sampler (exact distribution, never a token of probability 0, reproducible from a seed) and the
+shared prefill of rows asking the same prompt."""
 
+import pytest
 import torch
 
 from chatrlhf.generation import sample_tokens
@@ -44,3 +46,91 @@ def test_the_same_seed_draws_the_same_tokens():
     c = sample_tokens(probs, torch.Generator().manual_seed(6))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# one prefill per distinct prompt
+
+
+def test_distinct_rows_lists_each_prompt_once_in_first_seen_order():
+    from chatrlhf.generation import distinct_rows
+
+    rows, inverse = distinct_rows([[5, 6], [7], [5, 6], [7], [8, 9, 1], [5, 6]])
+    assert rows == [0, 1, 4]
+    assert inverse == [0, 1, 0, 1, 2, 0]
+    assert distinct_rows([]) == ([], [])
+
+
+def test_rows_with_the_same_prompt_share_one_prefill_and_sample_as_before(tiny_model, tokenizer):
+    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model, tokenizer, torch.device("cpu"))
+    a = tokenizer("Tell me about bees.")["input_ids"]
+    b = tokenizer("Rain, in lowercase, at most fifteen words please.")["input_ids"]
+    prompts = [a, b, a, a, b, a]  # two distinct prompts of different lengths, so with left padding
+    prefill_rows = []
+
+    def count(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    try:
+        shared = generate(model, prompts, sampling, eos, pad, torch.Generator().manual_seed(7))
+        alone = generate(
+            model, prompts, sampling, eos, pad, torch.Generator().manual_seed(7), share_prefill=False
+        )
+    finally:
+        handle.remove()
+    assert prefill_rows == [2, 6]
+    assert torch.equal(shared.response_ids, alone.response_ids)
+    assert torch.equal(shared.response_mask, alone.response_mask)
+    assert torch.equal(shared.prompt_ids, alone.prompt_ids)
+    torch.testing.assert_close(shared.logprobs, alone.logprobs, rtol=1e-5, atol=1e-5)
+    # the rows of one prompt drew different answers: the copied caches are not shared storage
+    assert len({tuple(r) for r in shared.response_ids[[0, 2, 3, 5]].tolist()}) > 1
+
+
+def test_kept_trunk_equals_a_full_forward_of_the_sequences_at_every_real_token(tokenizer, tmp_path):
+    """`keep_trunk`: the hidden states entering a layer, recorded while decoding, are those a full forward
+    of prompt + answer computes, at every prompt and answer token, the last one included (the reward
+    model reads it), also for rows that stopped early and left the batch; the tokens are unchanged."""
+    from conftest import make_tiny_model
+
+    from chatrlhf.forward import trunk_hidden
+    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.models import load_causal_lm
+
+    model = load_causal_lm(make_tiny_model(tmp_path, tokenizer, layers=3), tokenizer, torch.device("cpu"))
+    a = tokenizer("Tell me about bees.")["input_ids"]
+    b = tokenizer("Rain, in lowercase, at most fifteen words please.")["input_ids"]
+    prompts = [a, b, a, b, a]
+    stop_at = torch.tensor([2, 5, 9, 9, 3])  # rows stop after these many tokens; the rest run to the end
+
+    def stops(counter):
+        def on_step(token, alive):
+            counter[0] += 1
+            return (stop_at == counter[0]) & alive
+
+        return on_step
+
+    sampling = SamplingConfig(max_new_tokens=9, temperature=1.0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gens = [
+        generate(
+            model, prompts, sampling, eos, pad, torch.Generator().manual_seed(3), stops([0]), keep_trunk=k
+        )
+        for k in (2, 0)
+    ]
+    kept, plain = gens
+    assert plain.trunk is None and torch.equal(kept.response_ids, plain.response_ids)
+    assert kept.response_mask.sum(1).tolist() == [2, 5, 9, 9, 3]
+    full = trunk_hidden(model, kept.sequences, kept.attention_mask, 2).hidden
+    real = kept.attention_mask.bool()
+    assert kept.trunk.shape == full.shape
+    torch.testing.assert_close(kept.trunk[real], full[real], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep_trunk 3"):
+        generate(model, [a], sampling, eos, pad, keep_trunk=3)

@@ -39,7 +39,7 @@ class Models:
     reward: torch.nn.Module | None  # None: a reward function is used
     reward_bias: float = 0.0
     # > 0: the policy's first `trunk_layers` layers carry no adapters and the reference is the policy with its
-    # adapters disabled, so their output is computed once per batch (`forward.trunk_hidden`) and shared
+    # adapters disabled, so their output, which decoding the rollouts computes (`Generation.trunk`), is shared
     trunk_layers: int = 0
     # the value and reward models' first `trunk_layers` layers are the policy's weights too: they read the
     # shared trunk and run only the layers above it
@@ -85,8 +85,15 @@ class Experience:
 def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_new_tokens)
     models.policy.eval()
+    # decoding runs the shared trunk anyway: its output comes back with the rollouts (`Generation.trunk`)
     return generate(
-        models.policy, prompts, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+        models.policy,
+        prompts,
+        sampling,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        generator,
+        keep_trunk=models.trunk_layers,
     )
 
 
@@ -96,7 +103,11 @@ def score_rollouts(
 ) -> ScoredRollouts:
     """Reward-model scores, reference log-probs and values of a batch of rollouts."""
     sequences, mask, width = gen.sequences, gen.attention_mask, gen.prompt_width
-    trunk = trunk_hidden(models.policy, sequences, mask, models.trunk_layers) if models.trunk_layers else None
+    trunk = None
+    if gen.trunk is not None:
+        trunk = Trunk(gen.trunk, models.trunk_layers)
+    elif models.trunk_layers:
+        trunk = trunk_hidden(models.policy, sequences, mask, models.trunk_layers)
     if models.reference is None:
         with models.policy.disable_adapter():
             ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature, trunk)

@@ -1,7 +1,8 @@
 """The one generation engine: PPO rollouts, sampling for labeling, evaluation, chat and serving use it.
 
-Prompts are left-padded into one batch, prefilled once, then decoded token by token over a KV cache with
-only the last position's logits computed. A sequence stops at EOS (kept as its last token) and leaves the
+Prompts are left-padded into one batch and prefilled once each: rows asking the same prompt (k answers per
+prompt, as PPO, sampling and eval ask) share one prefill, whose KV cache is then copied to each of them. The
+batch is then decoded token by token over the KV cache with only the last position's logits computed. A sequence stops at EOS (kept as its last token) and leaves the
 batch, KV cache included, so the rest decode without it; its remaining positions hold the pad token, which
 is distinct from EOS. The sampled tokens' log-probs (under the
 temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them) come back too.
@@ -38,6 +39,9 @@ class Generation:
     response_mask: torch.Tensor  # (B, R) 1 on response tokens, EOS included
     logprobs: torch.Tensor  # (B, R) log-prob of each sampled token, 0 on padding
     finished: torch.Tensor  # (B,) True where the response ended with EOS
+    # with `keep_trunk=L`: (B, P+R, D) the hidden states entering decoder layer L at every position, as a
+    # full forward of `sequences` computes them (zeros where a row had finished); PPO's shared trunk
+    trunk: torch.Tensor | None = None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -70,6 +74,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
+
+
+def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, for every row the place of its prompt in that list)."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    rows = [0] * len(first)
+    for row, place in reversed(list(enumerate(inverse))):
+        rows[place] = row
+    return rows, inverse
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -116,32 +130,53 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    share_prefill: bool = True,
+    keep_trunk: int = 0,
 ) -> Generation:
-    """Continue each prompt (token ids) until EOS or max_new_tokens.
+    """Continue each prompt (token ids) until EOS or max_new_tokens. Rows with the same prompt share its
+    prefill unless `share_prefill` is off (the result is the same up to float rounding). With `keep_trunk`
+    > 0 the hidden states entering that decoder layer, which decoding computes anyway, come back as
+    `Generation.trunk`, so a model sharing those first layers need not run them again.
 
     `on_step(tokens (B,), alive (B,))` sees every new token as it is chosen (streaming); it may return a
     (B,) bool tensor of rows to stop now (a stop sequence was met), keeping that token.
     """
+    with _LayerInput(model, keep_trunk) as seen:
+        return _generate(model, prompts, sampling, eos_id, pad_id, generator, on_step, share_prefill, seen)
+
+
+def _generate(
+    model, prompts, sampling, eos_id, pad_id, generator, on_step, share_prefill, seen
+) -> Generation:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
     cache = {cache_argument(model): DynamicCache()}
+    distinct, inverse = distinct_rows(prompts) if share_prefill else (list(range(batch)), None)
+    pick = torch.tensor(distinct, device=device)
     out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions(mask),
+        input_ids=ids[pick],
+        attention_mask=mask[pick],
+        position_ids=positions(mask[pick]),
         use_cache=True,
         logits_to_keep=1,
         **cache,
     )
+    step_logits = out.logits[:, -1, :]
+    if len(distinct) < batch:  # one prefill per distinct prompt: its cache and logits go to each of its rows
+        spread = torch.tensor(inverse, device=device)
+        next(iter(cache.values())).batch_select_indices(spread)
+        step_logits = step_logits[spread]
+    seen.take_prompt(spread if len(distinct) < batch else None)
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
-    # rows still decoding; a finished row leaves the batch (and its KV cache) so later steps skip its work
+    # rows still decoding; a finished row leaves the batch (and its KV cache) so later steps skip its work,
+    # with `keep_trunk` after one more forward, which gives its last token's trunk state
     active = torch.arange(batch, device=device)
     tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(sampling.max_new_tokens):
-        logits = out.logits[:, -1, :].float() / (sampling.temperature or 1.0)
+        logits = step_logits.float() / (sampling.temperature or 1.0)
         # log-probs of the model's own distribution, as PPO's training forward recomputes them
         logp = torch.log_softmax(logits, dim=-1)
         if len(tokens) < sampling.min_new_tokens:
@@ -164,13 +199,12 @@ def generate(
             stop = on_step(token, was_alive)
             if stop is not None:
                 alive = alive & ~stop.to(alive.device)
-        if not alive.any():
-            break
-        keep = alive[active]
-        if not keep.all():
-            kept = keep.nonzero()[:, 0]
-            next(iter(cache.values())).batch_select_indices(kept)
-            active, chosen, attention, next_pos = active[kept], chosen[kept], attention[kept], next_pos[kept]
+        if not seen.layer:
+            if not alive.any() or len(tokens) == sampling.max_new_tokens:
+                break  # the last tokens' forward would feed nothing
+            active, chosen, attention, next_pos = _leave(
+                cache, alive[active], active, chosen, attention, next_pos
+            )
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         out = model(
             input_ids=chosen[:, None],
@@ -179,11 +213,76 @@ def generate(
             use_cache=True,
             **cache,
         )
+        step_logits = out.logits[:, -1, :]
+        seen.take_step(active)
         next_pos = next_pos + 1
+        if seen.layer:  # rows that finished stayed for their last token's trunk state; they leave now
+            if not alive.any():
+                break
+            active, step_logits, attention, next_pos = _leave(
+                cache, alive[active], active, step_logits, attention, next_pos
+            )
     response = torch.stack(tokens, dim=1)
     # a row's response runs up to and including its EOS (or the token where it was stopped)
     response_mask = (torch.arange(response.shape[1], device=device)[None, :] < lengths[:, None]).long()
-    return Generation(ids, mask, response, response_mask, torch.stack(logprobs, 1) * response_mask, ~alive)
+    logprobs = torch.stack(logprobs, 1) * response_mask
+    trunk = seen.trunk(batch, response.shape[1])
+    return Generation(ids, mask, response, response_mask, logprobs, ~alive, trunk)
+
+
+def _leave(cache: dict, keep: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows where `keep` (over the batch as it decodes now) is True, of `rows` and of the KV cache."""
+    if keep.all():
+        return rows
+    kept = keep.nonzero()[:, 0]
+    next(iter(cache.values())).batch_select_indices(kept)
+    return tuple(t[kept] for t in rows)
+
+
+class _LayerInput:
+    """Within the block, records the hidden states entering decoder layer `layer` of `model` at each forward
+    of a generation (nothing when `layer` is 0), and assembles them into one (B, P+R, D) tensor."""
+
+    def __init__(self, model, layer: int):
+        self.layer, self.model = layer, model
+        self.last: torch.Tensor | None = None
+        self.prompt: torch.Tensor | None = None
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> _LayerInput:
+        if self.layer:
+            layers = unwrap(self.model).get_decoder().layers
+            if not 0 < self.layer < len(layers):
+                raise ValueError(f"keep_trunk {self.layer}: the decoder has {len(layers)} layers")
+            self.handle = layers[self.layer].register_forward_pre_hook(self._keep, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.layer:
+            self.handle.remove()
+
+    def _keep(self, module, args, kwargs) -> None:
+        self.last = args[0] if args else kwargs["hidden_states"]
+
+    def take_prompt(self, spread: torch.Tensor | None) -> None:
+        """After the prefill; `spread` maps each row to its distinct prompt's place when they shared it."""
+        if self.layer:
+            self.prompt = self.last if spread is None else self.last[spread]
+
+    def take_step(self, active: torch.Tensor) -> None:
+        """After a decoding forward of the rows `active`, one new token each."""
+        if self.layer:
+            self.steps.append((active, self.last[:, 0]))
+
+    def trunk(self, batch: int, length: int) -> torch.Tensor | None:
+        if not self.layer:
+            return None
+        width = self.prompt.shape[1]
+        out = self.prompt.new_zeros(batch, width + length, self.prompt.shape[2])
+        out[:, :width] = self.prompt
+        for t, (active, hidden) in enumerate(self.steps):
+            out[active, width + t] = hidden
+        return out
 
 
 def response_token_lists(gen: Generation, eos_id: int) -> list[list[int]]:
