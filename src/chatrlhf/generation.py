@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from chatrlhf.forward import positions
+from chatrlhf.forward import distinct_rows, positions
 from chatrlhf.models import unwrap
 
 
@@ -74,16 +74,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
-
-
-def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """(the first row of each distinct prompt, for every row the place of its prompt in that list)."""
-    first: dict[tuple[int, ...], int] = {}
-    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
-    rows = [0] * len(first)
-    for row, place in reversed(list(enumerate(inverse))):
-        rows[place] = row
-    return rows, inverse
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
