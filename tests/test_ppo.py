@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -638,3 +639,47 @@ def test_freeze_layers_full_fine_tune_shares_the_frozen_trunk_with_reference_val
     assert all(torch.equal(before[k], after[True][k]) for k in before if ".layers.0." in k or "embed" in k)
     assert any(not torch.equal(before[k], after[True][k]) for k in before if ".layers.1." in k)
     assert all(torch.allclose(after[True][k], after[False][k], atol=1e-5) for k in before)
+
+
+def test_minibatches_take_a_prompts_answers_together(tiny_model, tokenizer, prompts_file, tmp_path):
+    """The update shuffles prompts, not rows: each minibatch holds whole prompts' answers (so each prompt
+    runs once per minibatch), every row once per epoch; with one answer per prompt it is the shuffle of rows
+    it always was."""
+    from accelerate import Accelerator
+
+    from chatrlhf.forward import prompt_groups
+    from chatrlhf.ppo import ppo_update
+
+    cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path)
+    rows = exp.sequences.shape[0]
+    assert prompt_groups(exp.sequences, exp.attention_mask, exp.prompt_width) == [[r] for r in range(rows)]
+    twice = torch.cat([exp.sequences, exp.sequences])  # every prompt twice, rows r and r + rows
+    mask = torch.cat([exp.attention_mask, exp.attention_mask])
+    assert prompt_groups(twice, mask, exp.prompt_width) == [[r, r + rows] for r in range(rows)]
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, exp, idx, ptx_rows=None):
+            self.seen.append(idx.tolist())
+            return (self.w * 0).sum(), {}
+
+    for sequences, attention, groups in ((exp.sequences, exp.attention_mask, 1), (twice, mask, 2)):
+        recorder = Recorder()
+        batch = dataclasses.replace(exp, sequences=sequences, attention_mask=attention)
+        cfg.ppo_epochs, cfg.minibatches = 2, 2
+        ppo_update(
+            Accelerator(cpu=True), recorder, batch, cfg, torch.optim.SGD(recorder.parameters(), lr=0.1),
+            torch.Generator().manual_seed(4), None, None,
+        )  # fmt: skip
+        assert len(recorder.seen) == 4
+        for epoch in (recorder.seen[:2], recorder.seen[2:]):
+            assert sorted(r for mb in epoch for r in mb) == list(range(len(sequences)))
+            if groups == 2:  # a row and its prompt's other answer are in the same minibatch
+                assert all((r + rows) % (2 * rows) in mb for mb in epoch for r in mb)
+        if groups == 1:
+            expected = torch.randperm(rows, generator=torch.Generator().manual_seed(4)).tolist()
+            assert recorder.seen[0] + recorder.seen[1] == expected

@@ -129,14 +129,31 @@ def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int
     return rows, inverse
 
 
+def _prompt_keys(prompts: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's left-padded prompt (B, P) as a list, -1 on its padding."""
+    real = attention_mask[:, : prompts.shape[1]]
+    return (prompts * real - (1 - real)).tolist()
+
+
+def prompt_groups(
+    sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+) -> list[list[int]]:
+    """The rows of a rollout batch grouped by prompt (each group's rows ask the same one), in order of first
+    appearance."""
+    _, inverse = distinct_rows(_prompt_keys(sequences[:, :prompt_width], attention_mask))
+    groups: list[list[int]] = [[] for _ in range(max(inverse, default=-1) + 1)]
+    for row, place in enumerate(inverse):
+        groups[place].append(row)
+    return groups
+
+
 def _decode(decoder, attention_mask, prompts: torch.Tensor | None = None, **inputs) -> torch.Tensor:
     """The decoder's last hidden states (B, T, D) for token ids or embeddings, positions from the (left)
     padding. With `prompts` (B, P), the left-padded prompt of each row: rows asking the same prompt (a
     prompt's k answers) run its P positions once (`_shared_prompt_decode`); the same result."""
     if prompts is not None and prompts.shape[1] > 0 and not _checkpointing(decoder):
         width = prompts.shape[1]
-        keys = (prompts * attention_mask[:, :width] - (1 - attention_mask[:, :width])).tolist()
-        distinct, inverse = distinct_rows(keys)
+        distinct, inverse = distinct_rows(_prompt_keys(prompts, attention_mask))
         if len(distinct) < len(inverse) and width < attention_mask.shape[1]:
             return _shared_prompt_decode(decoder, attention_mask, width, distinct, inverse, inputs)
     position_ids = positions(attention_mask)

@@ -40,6 +40,7 @@ from chatrlhf.forward import (
     collate,
     gather_logprobs,
     logits_and_values,
+    prompt_groups,
     response_logits,
     shares_trunk,
     target_logits,
@@ -133,10 +134,15 @@ def ppo_update(accelerator, wrapped, exp: Experience, cfg: PPOConfig, optimizer,
     wrapped.train()
     batch = exp.sequences.shape[0]
     size = max(1, math.ceil(batch / cfg.minibatches))
+    # minibatches take a prompt's answers together (a shuffle of prompts, not of rows), so that the prompt
+    # runs once for all of them (`forward._shared_prompt_decode`); with one answer per prompt this is the
+    # usual shuffle of rows
+    groups = prompt_groups(exp.sequences, exp.attention_mask, exp.prompt_width)
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(batch, generator=generator).to(exp.sequences.device)
+        shuffled = torch.randperm(len(groups), generator=generator).tolist()
+        order = torch.tensor([row for g in shuffled for row in groups[g]], device=exp.sequences.device)
         for start in range(0, batch, size):
             ptx_rows = ptx.next_rows() if ptx is not None else None
             loss, stats = wrapped(exp, order[start : start + size], ptx_rows)
