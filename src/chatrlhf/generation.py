@@ -2,10 +2,11 @@
 
 Prompts are left-padded into one batch and prefilled once each: rows asking the same prompt (k answers per
 prompt, as PPO, sampling and eval ask) share one prefill, whose KV cache is then copied to each of them. The
-batch is then decoded token by token over the KV cache with only the last position's logits computed. A sequence stops at EOS (kept as its last token) and leaves the
-batch, KV cache included, so the rest decode without it; its remaining positions hold the pad token, which
-is distinct from EOS. The sampled tokens' log-probs (under the
-temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them) come back too.
+batch is then decoded token by token over the KV cache with only the last position's logits computed. A
+sequence stops at EOS (kept as its last token) and leaves the batch, KV cache included, so the rest decode
+without it; its remaining positions hold the pad token, which is distinct from EOS. The sampled tokens'
+log-probs (under the temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them)
+come back too.
 """
 
 from __future__ import annotations
@@ -142,22 +143,7 @@ def _generate(
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
     cache = {cache_argument(model): DynamicCache()}
-    distinct, inverse = distinct_rows(prompts) if share_prefill else (list(range(batch)), None)
-    pick = torch.tensor(distinct, device=device)
-    out = model(
-        input_ids=ids[pick],
-        attention_mask=mask[pick],
-        position_ids=positions(mask[pick]),
-        use_cache=True,
-        logits_to_keep=1,
-        **cache,
-    )
-    step_logits = out.logits[:, -1, :]
-    if len(distinct) < batch:  # one prefill per distinct prompt: its cache and logits go to each of its rows
-        spread = torch.tensor(inverse, device=device)
-        next(iter(cache.values())).batch_select_indices(spread)
-        step_logits = step_logits[spread]
-    seen.take_prompt(spread if len(distinct) < batch else None)
+    step_logits = _prefill(model, prompts, ids, mask, cache, share_prefill, seen)
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
     # rows still decoding; a finished row leaves the batch (and its KV cache) so later steps skip its work,
@@ -218,6 +204,29 @@ def _generate(
     logprobs = torch.stack(logprobs, 1) * response_mask
     trunk = seen.trunk(batch, response.shape[1])
     return Generation(ids, mask, response, response_mask, logprobs, ~alive, trunk)
+
+
+def _prefill(model, prompts, ids, mask, cache: dict, share: bool, seen: _LayerInput) -> torch.Tensor:
+    """Prefill the left-padded prompts `ids` into `cache`, once per distinct prompt when `share` (its KV
+    cache and logits then go to each of its rows); returns each row's next-token logits (B, V)."""
+    batch = ids.shape[0]
+    distinct, inverse = distinct_rows(prompts) if share else (list(range(batch)), None)
+    pick = torch.tensor(distinct, device=ids.device)
+    out = model(
+        input_ids=ids[pick],
+        attention_mask=mask[pick],
+        position_ids=positions(mask[pick]),
+        use_cache=True,
+        logits_to_keep=1,
+        **cache,
+    )
+    logits, spread = out.logits[:, -1, :], None
+    if len(distinct) < batch:
+        spread = torch.tensor(inverse, device=ids.device)
+        next(iter(cache.values())).batch_select_indices(spread)
+        logits = logits[spread]
+    seen.take_prompt(spread)
+    return logits
 
 
 def _leave(cache: dict, keep: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
