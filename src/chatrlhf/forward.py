@@ -172,7 +172,7 @@ def _shared_prompt_decode(decoder, attention_mask, width: int, distinct, inverse
     device = attention_mask.device
     pick, spread = torch.tensor(distinct, device=device), torch.tensor(inverse, device=device)
     cache = DynamicCache()
-    argument = {_cache_keyword(type(decoder)): cache}
+    argument = {cache_keyword(type(decoder)): cache}
     prompt_mask = attention_mask[pick, :width]
     head = decoder(
         **{name: t[pick, :width] for name, t in inputs.items()},
@@ -208,9 +208,10 @@ def _checkpointing(module) -> bool:
 
 
 @functools.cache
-def _cache_keyword(decoder_class: type) -> str:
-    """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+def cache_keyword(model_class: type) -> str:
+    """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`; looked up once
+    per model class (generation asks per request and per rollout)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class Trunk(NamedTuple):

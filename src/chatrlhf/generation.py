@@ -11,15 +11,13 @@ come back too.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from chatrlhf.forward import distinct_rows, positions
+from chatrlhf.forward import cache_keyword, distinct_rows, positions
 from chatrlhf.models import unwrap
 
 
@@ -103,13 +101,7 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None)
 
 def cache_argument(model) -> str:
     """Newer transformers name the KV-cache argument `cache`, older ones `past_key_values`."""
-    return _cache_argument(type(unwrap(model)))
-
-
-@functools.cache
-def _cache_argument(model_class: type) -> str:
-    # looked up once per model class: generate() runs per request and per rollout
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    return cache_keyword(type(unwrap(model)))
 
 
 @torch.no_grad()
