@@ -63,6 +63,19 @@ def test_paired_prompts_combine_two_constraints_the_demonstrations_teach_alone()
     assert "lowercase+short" in asks and "bullets+question" in asks
 
 
+def test_held_out_prompts_ask_every_pair_in_every_wording():
+    """The held-out set takes each topic's pairs in both wordings (twice the prompts of the training set's
+    alternating wording, which it contains), so the intervals over prompts are narrower."""
+    every = paired_prompts(list(HELD_OUT_TOPICS), every_template=True)
+    alternating = paired_prompts(list(HELD_OUT_TOPICS))
+    assert len(every) == 2 * len(alternating) == len({r["prompt"] for r in every}) == 48
+    assert {r["prompt"] for r in alternating} < {r["prompt"] for r in every}
+    for topic in HELD_OUT_TOPICS:
+        for pair in {r["constraint"] for r in every}:
+            wordings = [r["prompt"] for r in every if (r["topic"], r["constraint"]) == (topic, pair)]
+            assert len(wordings) == 2 and wordings[0].split()[0] != wordings[1].split()[0]
+
+
 @pytest.mark.parametrize(
     "answer,met",
     [
@@ -88,11 +101,14 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     result = chatrlhf(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo", "eval"]
-    assert state["stages"]["iter1/sample"]["tasks"] == len(
-        paired_prompts([t for t in TOPICS if t not in HELD_OUT_TOPICS])
-    )
-    for folder in ("sft", "iter1/rm", "iter1/ppo"):
+    rounds = [f"iter{i}/{stage}" for i in (1, 2) for stage in ("sample", "label", "rm", "ppo")]
+    assert list(state["stages"]) == ["sft", *rounds, "eval"]  # two rounds by default
+    for i in (1, 2):
+        assert state["stages"][f"iter{i}/sample"]["tasks"] == len(
+            paired_prompts([t for t in TOPICS if t not in HELD_OUT_TOPICS])
+        )
+    assert state["stages"]["iter2/sample"]["model"] == str(out / "iter1" / "ppo")  # ranks the PPO answers
+    for folder in ("sft", "iter1/rm", "iter1/ppo", "iter2/rm", "iter2/ppo"):
         assert (out / folder / "model.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "decisive win-rate" in report and "held-out accuracy" in report
@@ -105,7 +121,7 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     assert (out / "proxy_vs_gold.png").is_file() and "proxy_vs_gold.png" in report
     ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
-    assert f"chatrlhf chat {out / 'iter1' / 'ppo'}" in result.stdout.replace("\n", "")
+    assert f"chatrlhf chat {out / 'iter2' / 'ppo'}" in result.stdout.replace("\n", "")
 
 
 def test_the_demo_reward_model_freezes_exactly_the_trunk_ppo_shares(tmp_path):

@@ -318,14 +318,16 @@ class PipelineConfig:
 class DemoConfig:
     output_dir: str = help_field("runs/demo", "where the demo's stages and report go")
     model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
-    iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    iterations: int = help_field(
+        2, "rounds of sample -> rank -> reward model -> PPO (the second ranks the first's PPO answers)"
+    )
     best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
     sft_steps: int = help_field(24, "SFT optimizer steps (two passes over the demonstrations)")
     k: int = help_field(6, "answers per prompt to rank")
     noise: float = help_field(0.05, "the simulated labeler's noise")
     tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
     rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
-    ppo_steps: int = help_field(35, "PPO steps per iteration, each 8 prompts x 4 answers")
+    ppo_steps: int = help_field(30, "PPO steps per iteration, each 8 prompts x 4 answers")
     max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")

@@ -81,7 +81,7 @@ CLAUSES = {
     "short": ("in at most 15 words", {"kind": "max_words", "value": 15}),
     "question": ("ending with a question", {"kind": "question"}),
 }
-PAIR_TEMPLATES = ("Describe {topic} {first}, {second}.", "Tell me about {topic} {first} and {second}.")
+PAIR_TEMPLATES = ["Describe {topic} {first}, {second}.", "Tell me about {topic} {first} and {second}."]
 
 
 def prompts(topics: list[str]) -> list[dict]:
@@ -93,25 +93,30 @@ def prompts(topics: list[str]) -> list[dict]:
     ]
 
 
-def paired_prompts(topics: list[str]) -> list[dict]:
+def paired_prompts(topics: list[str], every_template: bool = False) -> list[dict]:
     """One prompt record per topic and pair of constraints: what is ranked, what PPO trains on and what is
     evaluated. The demonstrations teach each constraint alone (InstructGPT's SFT, RM and PPO prompts differ
-    too), so the SFT model leaves room to improve; each record lists its constraints for the rule judge."""
+    too), so the SFT model leaves room to improve; each record lists its constraints for the rule judge.
+    The wording alternates between the templates, or with `every_template` each pair comes in each wording
+    (the held-out set: twice the prompts, so narrower intervals)."""
     names = list(CLAUSES)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     rows = []
     for t, topic in enumerate(topics):
         for p, (a, b) in enumerate(pairs):
-            template = PAIR_TEMPLATES[(t + p) % len(PAIR_TEMPLATES)]
-            text = template.format(topic=topic, first=CLAUSES[a][0], second=CLAUSES[b][0])
-            rows.append(
-                {
-                    "prompt": text,
-                    "constraint": f"{a}+{b}",
-                    "topic": topic,
-                    "constraints": [CLAUSES[a][1], CLAUSES[b][1]],
-                }
+            shift = (t + p) % len(PAIR_TEMPLATES)
+            wordings = (
+                PAIR_TEMPLATES[shift:] + PAIR_TEMPLATES[:shift] if every_template else [PAIR_TEMPLATES[shift]]
             )
+            for template in wordings:
+                rows.append(
+                    {
+                        "prompt": template.format(topic=topic, first=CLAUSES[a][0], second=CLAUSES[b][0]),
+                        "constraint": f"{a}+{b}",
+                        "topic": topic,
+                        "constraints": [CLAUSES[a][1], CLAUSES[b][1]],
+                    }
+                )
     return rows
 
 
@@ -221,7 +226,9 @@ def run(cfg: DemoConfig) -> dict:
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
     train_rows = prompts(train_topics)
     atomic_write_jsonl(data / "prompts.jsonl", paired_prompts(train_topics))
-    atomic_write_jsonl(data / "eval_prompts.jsonl", paired_prompts(list(HELD_OUT_TOPICS)))
+    atomic_write_jsonl(
+        data / "eval_prompts.jsonl", paired_prompts(list(HELD_OUT_TOPICS), every_template=True)
+    )
     demos = data / "demonstrations.jsonl"
     if not (cfg.resume and demos.exists()):
         console.rule("[bold]demonstrations: best of N sampled answers by the rule judge")

@@ -341,21 +341,20 @@ def policy_value_head(policy, device) -> torch.nn.Linear:
 
 def _shared_trunk(cfg: PPOConfig, policy, reference, vocab: int) -> int:
     """How many of the policy's first layers it shares with the reference: with LoRA only in the last
-    `lora.layers` (the reference the policy without its adapters) the layers below them, with full
-    fine-tuning the `freeze_layers` frozen ones (when the reference's are the same weights). 0 when none, or
-    when `share_trunk` is off or this model class does not split cleanly."""
+    `lora.layers` the layers below them, with full fine-tuning the `freeze_layers` frozen ones. A reference
+    loaded on its own (`reference_model`, e.g. the SFT model under a later iteration's policy) shares them
+    only when its weights there are the policy's to the bit; the policy without its adapters always does.
+    0 when none, or when `share_trunk` is off or this model class does not split cleanly."""
     depth = policy.config.num_hidden_layers
     if not cfg.share_trunk:
         return 0
-    if cfg.lora.enabled and 0 < cfg.lora.layers < depth and reference is None:
+    if cfg.lora.enabled and 0 < cfg.lora.layers < depth:
         layers = depth - cfg.lora.layers
-    elif (
-        0 < cfg.freeze_layers < depth
-        and reference is not None
-        and shares_trunk(reference, policy, cfg.freeze_layers)
-    ):
+    elif 0 < cfg.freeze_layers < depth and reference is not None:
         layers = cfg.freeze_layers
     else:
+        return 0
+    if reference is not None and not shares_trunk(reference, policy, layers):
         return 0
     if not trunk_matches_full_forward(policy, layers, vocab):
         print(
