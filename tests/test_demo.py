@@ -10,6 +10,7 @@ from conftest import chatrlhf
 
 from chatrlhf.demo import CONSTRAINTS, HELD_OUT_TOPICS, TOPICS, paired_prompts, prompts, written_answer
 from chatrlhf.judges import RuleJudge, constraints_of, satisfies_all
+from chatrlhf.runs import read_metrics
 
 ASKS = {
     "lowercase": "Tell me about bees, writing in all lowercase letters.",
@@ -119,6 +120,13 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     assert {"win_rate", "win_rate_ci", "decisive_win_rate", "success_rate", "success_diff_ci"} <= set(figures)
     assert set(figures["success_rate"]) == {"policy", "baseline", "base"}
     assert (out / "proxy_vs_gold.png").is_file() and "proxy_vs_gold.png" in report
+    gold = [
+        r["ppo/gold_reward"]
+        for i in (1, 2)
+        for r in read_metrics(out / f"iter{i}" / "ppo")
+        if "ppo/gold_reward" in r
+    ]
+    assert len(gold) == 4 and f"gold {sum(gold[:3]) / 3:.3f} -> {sum(gold[-3:]) / 3:.3f}" in report
     ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
     assert f"chatrlhf chat {out / 'iter2' / 'ppo'}" in result.stdout.replace("\n", "")

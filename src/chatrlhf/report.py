@@ -17,13 +17,9 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def proxy_vs_gold_plot(paths: PipelineRun, iterations: int) -> Path | None:
-    """Mean proxy (RM) and gold (judge) reward per PPO step, the iterations end to end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def ppo_curves(paths: PipelineRun, iterations: int) -> tuple[list, list, list[int]]:
+    """(step, mean proxy reward) and (step, mean gold score) of the PPO rollouts, the iterations end to end,
+    and the last step of each iteration."""
     proxy, gold, offset, bounds = [], [], 0, []
     for it in range(1, iterations + 1):
         rows = read_metrics(paths.ppo(it))
@@ -32,6 +28,22 @@ def proxy_vs_gold_plot(paths: PipelineRun, iterations: int) -> Path | None:
         gold += [(offset + r["step"], r["ppo/gold_reward"]) for r in steps if "ppo/gold_reward" in r]
         offset += max((r["step"] for r in steps), default=0)
         bounds.append(offset)
+    return proxy, gold, bounds
+
+
+def _first_and_last(curve: list, n: int = 3) -> tuple[float, float]:
+    values = [v for _, v in curve]
+    return sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:])
+
+
+def proxy_vs_gold_plot(paths: PipelineRun, iterations: int) -> Path | None:
+    """Mean proxy (RM) and gold (judge) reward per PPO step, the iterations end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxy, gold, bounds = ppo_curves(paths, iterations)
     if not gold:
         return None
     fig, left = plt.subplots(figsize=(7, 3.6))
@@ -100,9 +112,12 @@ def _opening(paths: PipelineRun, cfg, result: EvalResult) -> list[str]:
     lines += [f"- KL(PPO ‖ SFT) per answer: {result.kl:.3f} nats", ""]
     gold_plot = proxy_vs_gold_plot(paths, cfg.iterations)
     if gold_plot is not None:
+        proxy, gold, _ = ppo_curves(paths, cfg.iterations)
+        (p0, p1), (g0, g1) = _first_and_last(proxy), _first_and_last(gold)
         lines += [
             "Proxy (reward model) against gold (judge) reward of the PPO rollouts, step by step: where the "
-            "proxy rises and the gold does not, PPO is over-optimising the reward model.",
+            "proxy rises and the gold does not, PPO is over-optimising the reward model. Mean of the first "
+            f"three PPO steps -> the last three: gold {g0:.3f} -> {g1:.3f}, proxy {p0:.3f} -> {p1:.3f}.",
             "",
             f"![proxy vs gold]({gold_plot.relative_to(out)})",
             "",
