@@ -327,7 +327,7 @@ class DemoConfig:
     noise: float = help_field(0.05, "the simulated labeler's noise")
     tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
     rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
-    ppo_steps: int = help_field(30, "PPO steps per iteration, each 8 prompts x 4 answers")
+    ppo_steps: int = help_field(35, "PPO steps per iteration, each 8 prompts x 4 answers")
     max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
