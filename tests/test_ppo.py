@@ -372,6 +372,54 @@ def test_rloo_learns_without_a_value_model_and_resumes_exactly(tiny_model, token
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
+def test_old_logprobs_from_a_forward_are_the_reference_computation(
+    tiny_model, tokenizer, prompts_file, tmp_path
+):
+    """`logprobs_from: forward` takes the policy's log-probs of the sampled tokens from a forward over the
+    finished rollouts, the computation the reference and the update use: in fp32 it gives decoding's own to
+    1e-5, in bf16 the untrained policy's (LoRA's B is zero) equal the reference's to the bit, so the first
+    step's KL is exactly 0, which decoding's incremental bf16 forward does not promise."""
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.harness import autocast
+    from chatrlhf.ppo import load_models
+
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
+    reward = low_half_reward(len(tokenizer))
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", lora=lora)
+    models = load_models(cfg, tokenizer, tiny_model, reward, "cpu")
+    prompts = [tokenizer(p["prompt"])["input_ids"] for p in PROMPTS]
+    convs = [[{"role": "user", "content": p["prompt"]}] for p in PROMPTS]
+    for dtype in (torch.float32, torch.bfloat16):
+        with autocast(torch.device("cpu"), dtype):
+            gen = rollout(models, prompts, cfg, tokenizer, torch.Generator().manual_seed(0))
+            scored = score_rollouts(models, gen, cfg, convs, tokenizer, reward, recompute=True)
+        exp = make_experience(gen, scored, cfg, cfg.kl_coef)
+        assert exp.logprobs is scored.logprobs and gen.response_mask.sum() > 0
+        if dtype == torch.float32:
+            assert torch.allclose(scored.logprobs, gen.logprobs, atol=1e-5)
+        else:
+            assert torch.equal(scored.logprobs, scored.ref_logprobs) and torch.equal(
+                exp.kl, torch.zeros_like(exp.kl)
+            )
+    run = ppo_config(
+        tiny_model,
+        prompts_file,
+        tmp_path / "run",
+        max_steps=1,
+        lora=lora,
+        dtype="bf16",
+        logprobs_from="forward",
+    )
+    train(run, reward_fn=reward)
+    assert next(r for r in read_metrics(run.output_dir) if "ppo/kl" in r)["ppo/kl"] == 0.0
+    result = chatrlhf(
+        "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--data.train", prompts_file,
+        "--output_dir", str(tmp_path / "bad"), "--logprobs_from", "decoder",
+    )  # fmt: skip
+    assert result.returncode == 2 and "logprobs_from: 'decoder' is not rollout or forward" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
+
+
 def test_rloo_needs_two_answers_per_prompt(tmp_path, tiny_model, prompts_file):
     for extra, message in (
         (["--advantage_estimator", "rloo"], "samples_per_prompt must be at least 2"),

@@ -213,6 +213,12 @@ class PPOConfig(TrainConfig):
     lam: float = help_field(0.95, "GAE lambda")
     kl_coef: float = help_field(0.02, "beta, the per-token KL penalty weight (InstructGPT 0.02)")
     kl_estimator: str = help_field("k1", "per-token KL estimator: k1 | k3")
+    logprobs_from: str = help_field(
+        "rollout",
+        "where the PPO ratio's old log-probs and the KL's policy side come from: rollout (decoding's own, "
+        "free) | forward (a forward of the policy over the finished rollouts, the same computation as the "
+        "reference's and the update's; under bf16 decoding rounds differently)",
+    )
     target_kl: float = help_field(0.0, "adaptive beta toward this KL per answer (0 keeps beta fixed)")
     kl_horizon: int = help_field(10000, "horizon of the adaptive KL controller, in episodes")
     missing_eos_penalty: float = help_field(0.0, "subtracted from the score of answers cut at max_new_tokens")

@@ -24,6 +24,7 @@ from chatrlhf.forward import (
     sequence_scores,
     token_values,
     trunk_hidden,
+    unembed,
 )
 from chatrlhf.generation import Generation, SamplingConfig, generate
 from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
@@ -63,6 +64,7 @@ class ScoredRollouts:
     values: torch.Tensor  # (B, R) value before each answer token; zeros without a value model
     scores: torch.Tensor  # (B,) reward-model (or reward-function) score, before any penalty
     trunk: Trunk | None = None  # the policy's (and reference's) first layers' output, when they share them
+    logprobs: torch.Tensor | None = None  # (B, R) the policy's, from a forward (`logprobs_from`); else None
 
 
 @dataclass
@@ -99,9 +101,10 @@ def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer,
 
 @torch.no_grad()
 def score_rollouts(
-    models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn
+    models: Models, gen: Generation, cfg: PPOConfig, conversations, tokenizer, reward_fn, recompute=False
 ) -> ScoredRollouts:
-    """Reward-model scores, reference log-probs and values of a batch of rollouts."""
+    """Reward-model scores, reference log-probs and values of a batch of rollouts; with `recompute` also the
+    policy's log-probs from a forward like the reference's (instead of decoding's)."""
     sequences, mask, width = gen.sequences, gen.attention_mask, gen.prompt_width
     trunk = None
     if gen.trunk is not None:
@@ -116,8 +119,14 @@ def score_rollouts(
         ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature, trunk)
     ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
     del ref_logits
-    if models.value_head is not None:  # value_model: policy
+    logprobs = hidden = None
+    if recompute or models.value_head is not None:
         hidden = response_hidden(models.policy, sequences, mask, width, trunk)
+    if recompute:
+        logits = unembed(models.policy, hidden, cfg.temperature)
+        logprobs = gather_logprobs(logits, gen.response_ids) * gen.response_mask
+        del logits
+    if models.value_head is not None:  # value_model: policy
         values = head_values(models.value_head, hidden) * gen.response_mask
     elif models.value is None:  # rloo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)
@@ -135,7 +144,7 @@ def score_rollouts(
         scores = (
             sequence_scores(models.reward, sequences, mask, last, reward_trunk, width) + models.reward_bias
         )
-    return ScoredRollouts(sequences, mask, ref_logprobs, values, scores, trunk)
+    return ScoredRollouts(sequences, mask, ref_logprobs, values, scores, trunk, logprobs)
 
 
 def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_coef: float) -> Experience:
@@ -146,7 +155,8 @@ def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_
         scores = scores - cfg.missing_eos_penalty * (~gen.finished).float()
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    kl = kl_penalty(gen.logprobs, scored.ref_logprobs, cfg.kl_estimator) * mask
+    logprobs = gen.logprobs if scored.logprobs is None else scored.logprobs
+    kl = kl_penalty(logprobs, scored.ref_logprobs, cfg.kl_estimator) * mask
     rewards = token_rewards(scores, kl, kl_coef, mask)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -161,7 +171,7 @@ def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_
         attention_mask=scored.attention_mask,
         prompt_width=gen.prompt_width,
         response_mask=gen.response_mask,
-        logprobs=gen.logprobs,
+        logprobs=logprobs,
         values=scored.values,
         scores=scores,
         kl=kl,

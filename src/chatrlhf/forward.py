@@ -83,10 +83,11 @@ def response_logits(
     followed by right-padded answers. With `trunk` (the hidden states after the model's first layers, from
     `trunk_hidden`) only the layers above it run. Returns (B, R, V) fp32."""
     hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
-    return _unembed(model, hidden, temperature)
+    return unembed(model, hidden, temperature)
 
 
-def _unembed(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+def unembed(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits (..., V) in fp32 from the model's last hidden states (..., D)."""
     return unwrap(model).get_output_embeddings()(hidden).float() / temperature
 
 
@@ -101,7 +102,7 @@ def logits_and_values(
     """`response_logits` and, from the same hidden states, a value head on the policy (`value_model:
     policy`): one forward, and in the update one backward, for both. Returns ((B, R, V), (B, R)) fp32."""
     hidden = response_hidden(model, sequences, attention_mask, prompt_width, trunk)
-    return _unembed(model, hidden, temperature), head_values(value_head, hidden)
+    return unembed(model, hidden, temperature), head_values(value_head, hidden)
 
 
 def response_hidden(

@@ -255,6 +255,8 @@ def _check(cfg: PPOConfig, reward_fn) -> None:
         raise UserError("temperature: PPO samples its rollouts, so it must be positive")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"kl_estimator: {cfg.kl_estimator!r} is not k1 or k3")
+    if cfg.logprobs_from not in ("rollout", "forward"):
+        raise UserError(f"logprobs_from: {cfg.logprobs_from!r} is not rollout or forward")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise UserError("ptx_data: PPO-ptx (ptx_coef > 0) needs a text file to mix in")
     if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.max_new_tokens < 1 or cfg.samples_per_prompt < 1:
@@ -484,7 +486,11 @@ def ppo_step(run: PPORun, step: int) -> tuple[dict[str, float], list[list[dict]]
     with _timed(metrics, "rollout"), compute:
         gen = rollout(models, [run.prompts[i] for i in picked], cfg, tokenizer, generator)
     with _timed(metrics, "score"), compute:
-        scored = score_rollouts(models, gen, cfg, convs, tokenizer, run.reward_fn)
+        # logprobs_from: forward. Under bf16, decoding's incremental forward rounds differently from a full
+        # one: on SmolLM2-135M a sampled token's log-prob differs by 0.06 (std; up to 0.26, past the ratio's
+        # clip), where fp32 agrees to 1e-5 (README, PPO section)
+        recompute = cfg.logprobs_from == "forward"
+        scored = score_rollouts(models, gen, cfg, convs, tokenizer, run.reward_fn, recompute)
     exp = make_experience(gen, scored, cfg, kl_ctl.value)
     if run.gold_fn is not None:
         gold = run.gold_fn(convs, gen.texts(tokenizer), [run.conversations[i].extra for i in picked])
