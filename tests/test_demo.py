@@ -130,6 +130,19 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_model(tiny_model, tmp_path):
     ranked = [json.loads(line) for line in (out / "iter1" / "rankings.jsonl").read_text().splitlines()]
     assert ranked and all(len(r["responses"]) == len(r["ranks"]) >= 2 for r in ranked)
     assert f"chatrlhf chat {out / 'iter2' / 'ppo'}" in result.stdout.replace("\n", "")
+    # interrupted in the second round's PPO: `--resume true` redoes only that stage and the eval, with the
+    # same numbers, and leaves the finished stages' models as they were
+    state["stages"] = {k: v for k, v in state["stages"].items() if k not in ("iter2/ppo", "eval")}
+    (out / "pipeline.json").write_text(json.dumps(state))
+    kept = {f: (out / f / "model.safetensors").stat().st_mtime_ns for f in ("sft", "iter1/ppo", "iter2/rm")}
+    resumed = chatrlhf(*args, "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list(json.loads((out / "pipeline.json").read_text())["stages"])[-2:] == ["iter2/ppo", "eval"]
+    assert {f: (out / f / "model.safetensors").stat().st_mtime_ns for f in kept} == kept
+    again = json.loads((out / "eval" / "eval.json").read_text())
+    assert {k: again[k] for k in ("win_rate", "success_rate", "kl")} == {
+        k: figures[k] for k in ("win_rate", "success_rate", "kl")
+    }
 
 
 def test_the_demo_reward_model_freezes_exactly_the_trunk_ppo_shares(tmp_path):
