@@ -36,14 +36,13 @@ def _first_and_last(curve: list, n: int = 3) -> tuple[float, float]:
     return sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:])
 
 
-def proxy_vs_gold_plot(paths: PipelineRun, iterations: int) -> Path | None:
-    """Mean proxy (RM) and gold (judge) reward per PPO step, the iterations end to end."""
+def proxy_vs_gold_plot(paths: PipelineRun, proxy: list, gold: list, bounds: list[int]) -> Path | None:
+    """Mean proxy (RM) and gold (judge) reward per PPO step (`ppo_curves`), the iterations end to end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    proxy, gold, bounds = ppo_curves(paths, iterations)
     if not gold:
         return None
     fig, left = plt.subplots(figsize=(7, 3.6))
@@ -110,9 +109,9 @@ def _opening(paths: PipelineRun, cfg, result: EvalResult) -> list[str]:
         lines += [f"![base -> SFT -> PPO]({picture.relative_to(out)})", ""]
     lines += [f"- {line}" for line in headline(result)]
     lines += [f"- KL(PPO ‖ SFT) per answer: {result.kl:.3f} nats", ""]
-    gold_plot = proxy_vs_gold_plot(paths, cfg.iterations)
+    proxy, gold, bounds = ppo_curves(paths, cfg.iterations)
+    gold_plot = proxy_vs_gold_plot(paths, proxy, gold, bounds)
     if gold_plot is not None:
-        proxy, gold, _ = ppo_curves(paths, cfg.iterations)
         (p0, p1), (g0, g1) = _first_and_last(proxy), _first_and_last(gold)
         lines += [
             "Proxy (reward model) against gold (judge) reward of the PPO rollouts, step by step: where the "
