@@ -4,6 +4,7 @@ shared prefill of rows asking the same prompt."""
 import pytest
 import torch
 
+from chatrlhf.errors import UserError
 from chatrlhf.generation import sample_tokens
 
 
@@ -36,6 +37,16 @@ def test_unnormalised_rows_and_a_large_vocabulary():
     drawn = sample_tokens(probs.repeat(500, 1), torch.Generator().manual_seed(3))
     assert set(drawn.tolist()) == {17, 49151}
     assert 0.45 < (drawn == 17).double().mean().item() < 0.55
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_a_row_without_a_distribution_stops_with_a_clear_error(bad):
+    # softmax of NaN or infinite logits gives NaN rows; the inverse CDF would return an index past the
+    # vocabulary, which fails later and far away (an embedding lookup)
+    probs = torch.full((3, 5), 0.2)
+    probs[1] = bad
+    with pytest.raises(UserError, match=r"1 of 3 rows .*rows \[1\].*NaN or infinite.*lower lr"):
+        sample_tokens(probs, torch.Generator().manual_seed(0))
 
 
 def test_the_same_seed_draws_the_same_tokens():

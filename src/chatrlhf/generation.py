@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from chatrlhf.errors import UserError
 from chatrlhf.forward import cache_keyword, distinct_rows, positions
 from chatrlhf.models import unwrap
 
@@ -90,9 +91,18 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `probs` (B, V), drawn by inverting the cumulative distribution with one uniform
     number per row from `generator`. Exact like `torch.multinomial` (which, on a CPU, takes ~10x as long at a
-    large vocabulary), and a token of probability 0 is never drawn."""
+    large vocabulary), and a token of probability 0 is never drawn. A row with no distribution (its sum NaN,
+    infinite or zero: the model's logits were not finite) stops with a UserError."""
     cumulative = probs.cumsum(-1)
     total = cumulative[:, -1:]
+    broken = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)
+    if broken.any():
+        rows = broken.nonzero()[:, 0].tolist()
+        raise UserError(
+            f"sampling: {len(rows)} of {len(total)} rows have no next-token distribution (rows {rows[:8]}, "
+            f"sum {total[rows[0], 0].item()}): the model's logits are NaN or infinite, so its weights have "
+            "diverged (in training, try a lower lr)"
+        )
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=total.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     # the first index whose cumulative sum exceeds u: there the sum rose, so that token's probability is > 0
