@@ -26,9 +26,10 @@ Each framework trains in a fresh process, so peak RSS is per framework:
   prompts written as `{"prompt": ...}` JSONL, with `model`, `reward_model` and `value_model` all pointing at
   the base model folder.
 
-dtype (`--dtype`): the full row runs chatrlhf in fp32 (the anchor's dtype; TRL's side of it is always fp32)
-unless `--dtype` says otherwise; the lora row runs chatrlhf in `--dtype`, by default what chatrlhf's
-`dtype: auto` picks on this machine, and TRL with `bf16=True` (mixed precision) whenever chatrlhf runs bf16.
+dtype (`--dtype`): the full row runs in fp32 (the anchor's dtype) unless `--dtype` says otherwise; the lora
+row runs chatrlhf in `--dtype`, by default what chatrlhf's `dtype: auto` picks on this machine. Whenever
+chatrlhf runs bf16, TRL runs with `bf16=True` (mixed precision) too: in the full row the anchor's script
+through `bench/ppo_trl_full.py`, which changes only that.
 
 The fp32 model folder both use is `bench/models/smollm2-135m` (git-ignored), made once by
 `trl_baseline.py prepare` (`bench/sft.py` or `bench/reward.py` do that with `.venv-trl`). Run from the
@@ -69,6 +70,7 @@ TRL_PPO_VENV = common.TrlVenv(
     missing="trl.experimental.ppo after installing TRL 1.12",
 )
 TRL_LORA_CHILD = Path(__file__).resolve().parent / "ppo_trl_lora.py"
+TRL_FULL_BF16_CHILD = Path(__file__).resolve().parent / "ppo_trl_full.py"
 PROMPTS_SHA256 = (
     "9da85a1d551db3b38f8147ea69d4f0289bbb26c48a7bef7a8f6627fcef1cc358"  # WORKLOAD.md rl_prompts.jsonl
 )
@@ -198,19 +200,16 @@ def row_dtype(args, name: str) -> str:
 # parent: run each framework in its own process
 
 
-def run_trl_full(shared: Path, args) -> dict:
-    raw = common.run_json_child(
-        [
-            str(TRL_PPO_VENV.python()),
-            str(shared / "trl_baseline.py"),
-            "ppo",
-            "--model-dir",
-            str(args.model_dir),
-            "--threads",
-            str(args.threads),
-        ],
-        error_detail=True,  # trl_baseline.py reports why it could not run (e.g. no PPOTrainer in this TRL)
-    )
+def run_trl_full(shared: Path, args, dtype: str) -> dict:
+    """The anchor's `trl_baseline.py ppo`; when chatrlhf's side runs bf16, through `ppo_trl_full.py`, which asks
+    the same trainer for bf16 mixed precision (like with like)."""
+    flags = ["--model-dir", str(args.model_dir), "--threads", str(args.threads)]
+    if dtype == "bf16":
+        cmd = [str(TRL_PPO_VENV.python()), str(TRL_FULL_BF16_CHILD), "--anchor", str(shared), *flags]
+    else:
+        cmd = [str(TRL_PPO_VENV.python()), str(shared / "trl_baseline.py"), "ppo", *flags]
+    # trl_baseline.py reports why it could not run (e.g. no PPOTrainer in this TRL)
+    raw = common.run_json_child(cmd, error_detail=True)
     if raw.get("status") != "ok":
         sys.exit(f"TRL's PPO benchmark did not run: {raw.get('error')} ({raw.get('hint')})")
     gen = raw["generation_s_total"]
@@ -222,7 +221,7 @@ def run_trl_full(shared: Path, args) -> dict:
         "workload": "full",
         "framework": "trl",
         "trainer": raw.get("trainer"),
-        "dtype": "fp32",
+        "dtype": dtype,
         "episodes": raw["episodes"],
         "ppo_batches": raw["updates"],
         "episodes_per_s": raw["samples_per_s"],
@@ -325,7 +324,7 @@ def summarize(results: dict[str, list[dict]], args, wl: dict, dtype: str) -> dic
         "repeat": args.repeat,
         "chatrlhf_dtype": dtype,
         "chatrlhf_value_model": args.value_model,
-        "trl_dtype": dtype if wl["name"] == "lora" else "fp32",
+        "trl_dtype": dtype,  # TRL runs bf16 mixed precision whenever chatrlhf runs bf16
         "torch_threads": args.threads,
         "trl": trl,
         "chatrlhf": chat,
@@ -386,7 +385,9 @@ def print_table(summary: dict) -> None:
 def compare_row(shared: Path, anchor, args, name: str) -> None:
     """One row: `args.repeat` runs of each framework on workload `name`, then its summary and table."""
     wl, dtype = workload(anchor, name, args.lora_steps), row_dtype(args, name)
-    run_trl = (lambda: run_trl_full(shared, args)) if name == "full" else (lambda: run_trl_lora(args, dtype))
+    run_trl = (
+        (lambda: run_trl_full(shared, args, dtype)) if name == "full" else (lambda: run_trl_lora(args, dtype))
+    )
     run = {"trl": run_trl, "chatrlhf": lambda: run_chatrlhf(args, name, dtype)}
     common.run_comparison(args, run, lambda results, args: summarize(results, args, wl, dtype), print_table)
 

@@ -525,27 +525,28 @@ def test_shared_trunk_reference_and_policy_logprobs_equal_full_forwards(
 
 def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, tmp_path, monkeypatch):
     """In bf16, PPO holds every frozen Linear weight (LoRA's base, the reward model) as a bf16 copy so that
-    autocast does not cast it again at every forward. Every logged metric equals a run that leaves them in
-    fp32, and the export (LoRA merged into the fp32 weights) is the same to the bit."""
+    autocast does not cast it again at every forward; the reward model, never exported, lets its fp32
+    weights go. Every logged metric equals a run that leaves them in fp32, and the export (LoRA merged into
+    the fp32 weights) is the same to the bit."""
     from chatrlhf import ppo as ppo_module
     from chatrlhf.configs import LoraConfig
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj", "down_proj"], layers=1)
-    runs, held = {}, []
+    runs, held, kept = {}, [], []
     real = ppo_module.hold_frozen_linears
 
-    def counting(model, dtype):
-        restore = real(model, dtype)
-        held.append(
-            sum(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16 for m in model.modules())
-        )
+    def counting(model, dtype, keep_originals=True):
+        restore = real(model, dtype, keep_originals)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        held.append(sum(m.weight.dtype == torch.bfloat16 for m in linears))
+        kept.append(keep_originals)
         return restore
 
     for hold in (True, False):
         if hold:
             monkeypatch.setattr(ppo_module, "hold_frozen_linears", counting)
         else:
-            monkeypatch.setattr(ppo_module, "hold_frozen_linears", lambda model, dtype: lambda: None)
+            monkeypatch.setattr(ppo_module, "hold_frozen_linears", lambda *args, **kwargs: lambda: None)
         cfg = ppo_config(
             tiny_model, prompts_file, tmp_path / f"hold{hold}", max_steps=2, lora=lora, dtype="bf16",
             reward_model=tiny_model,
@@ -553,10 +554,30 @@ def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, 
         train(cfg)
         runs[hold] = [r for r in read_metrics(cfg.output_dir) if "ppo/kl" in r]
     assert held and all(n > 0 for n in held)  # policy, value and reward model each held some weights
+    assert kept == [True, True, False]  # the reward model's fp32 weights are not kept
     assert_same_metrics(runs, ("ppo/entropy", "ppo/grad_norm"), exact=True)
     after = {h: AutoModelForCausalLM.from_pretrained(tmp_path / f"hold{h}").state_dict() for h in runs}
     assert all(v.dtype == torch.float32 for v in after[True].values())
     assert all(torch.equal(after[True][k], after[False][k]) for k in after[False])
+
+
+def test_a_model_never_exported_lets_its_fp32_linear_weights_go(tiny_model, tokenizer):
+    from chatrlhf.models import hold_frozen_linears, load_causal_lm
+
+    model = load_causal_lm(tiny_model, tokenizer).requires_grad_(False)
+    model.model.layers[-1].mlp.down_proj.requires_grad_(True)
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = model(x).logits
+    restore = hold_frozen_linears(model, torch.bfloat16, keep_originals=False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears["model.layers.1.mlp.down_proj"].weight is originals["model.layers.1.mlp.down_proj"]
+    assert all(m.weight.dtype == torch.bfloat16 for n, m in linears.items() if "layers.1.mlp.down" not in n)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(model(x).logits, expected)
+    restore()
+    assert all(m.weight.dtype == torch.bfloat16 for n, m in linears.items() if "layers.1.mlp.down" not in n)
 
 
 def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the_policys(

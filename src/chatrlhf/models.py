@@ -265,9 +265,11 @@ def freeze_bottom(model, layers: int) -> None:
         module.requires_grad_(False)
 
 
-def hold_frozen_linears(model, dtype: torch.dtype):
+def hold_frozen_linears(model, dtype: torch.dtype, keep_originals: bool = True):
     """Hold the frozen Linear weights of `model` as `dtype` copies, for compute under autocast to `dtype`;
-    returns a function that puts the original weights back (before LoRA is merged for export).
+    returns a function that puts the original weights back (before LoRA is merged for export). A model that
+    is never exported (the reference, the reward model) passes `keep_originals=False`: its fp32 weights are
+    let go, 0.5 GB at 135M parameters, and the function does nothing.
 
     Autocast caches its cast of a weight only while the weight requires grad, so a frozen fp32 weight (the
     base under LoRA, a frozen reward model or reference) is cast again by every forward: at every decoded
@@ -279,7 +281,8 @@ def hold_frozen_linears(model, dtype: torch.dtype):
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32:
-            held.append((module, weight))
+            if keep_originals:
+                held.append((module, weight))
             module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
 
     def restore() -> None:

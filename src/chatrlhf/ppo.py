@@ -438,8 +438,11 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     device = pick_device()
     harness = Harness(cfg, "ppo", device, on_step)
     models = load_models(cfg, tokenizer, model_path, reward_fn, device)
-    frozen = [models.policy, models.value, models.reference, models.reward]
-    restores = [hold_frozen_linears(m, harness.dtype) for m in frozen if m is not None]
+    exported, scoring_only = [models.policy, models.value], [models.reference, models.reward]
+    restores = [hold_frozen_linears(m, harness.dtype) for m in exported if m is not None]
+    for model in scoring_only:
+        if model is not None:
+            hold_frozen_linears(model, harness.dtype, keep_originals=False)
     per_step = cfg.batch_size * harness.world
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
     state = train_state(cfg, models, steps, ptx)
