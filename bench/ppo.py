@@ -409,7 +409,7 @@ def parent_main(args) -> None:
 
 def ppo_config(anchor, wl: dict, prompts: Path, output_dir: Path, model_dir: Path, dtype: str):
     """A row's settings (the anchor's PPO section, with the row's own on top) in chatrlhf's terms."""
-    from chatrlhf.configs import DataConfig, LoraConfig, PPOConfig
+    from chatrlhf.configs import LoraConfig, PPOConfig, PromptData, SamplingConfig
 
     w = anchor.PPO
     model = str(model_dir)
@@ -427,7 +427,7 @@ def ppo_config(anchor, wl: dict, prompts: Path, output_dir: Path, model_dir: Pat
         reward_model=model,  # a causal-LM folder loads as a one-label scorer with a fresh head
         value_model=model,
         # reference_model empty: a copy of the policy, or with LoRA the policy with its adapters disabled
-        data=DataConfig(train=str(prompts)),  # chatrlhf's seeded per-epoch shuffle
+        data=PromptData(train=str(prompts)),  # chatrlhf's seeded per-epoch shuffle
         output_dir=str(output_dir),
         max_steps=wl["steps"],
         batch_size=wl["batch_size"],
@@ -437,11 +437,13 @@ def ppo_config(anchor, wl: dict, prompts: Path, output_dir: Path, model_dir: Pat
         lr=wl["learning_rate"],
         lr_scheduler=wl["lr_scheduler"],
         warmup_ratio=0.0,
-        max_new_tokens=wl["response_length"],
-        min_new_tokens=wl["response_length"],  # EOS does not end a rollout: exactly that many new tokens
-        temperature=wl["temperature"],
-        top_p=w["top_p"],
-        top_k=w["top_k"],
+        sampling=SamplingConfig(
+            max_new_tokens=wl["response_length"],
+            min_new_tokens=wl["response_length"],  # EOS does not end a rollout: exactly that many new tokens
+            temperature=wl["temperature"],
+            top_p=w["top_p"],
+            top_k=w["top_k"],
+        ),
         ppo_epochs=wl["ppo_epochs"],
         minibatches=wl["num_mini_batches"],
         clip_range=w["cliprange"],
@@ -464,7 +466,7 @@ def ppo_config(anchor, wl: dict, prompts: Path, output_dir: Path, model_dir: Pat
 
 def prompt_widths(cfg, rows: list[dict], steps: int) -> list[int]:
     """Left-padded prompt width of each PPO step's batch, in chatrlhf's tokenization and prompt order."""
-    from chatrlhf.chat import prompt_ids
+    from chatrlhf.chat_template import prompt_ids
     from chatrlhf.models import load_tokenizer
     from chatrlhf.training import step_items
 
@@ -523,7 +525,7 @@ def child_main(args) -> None:
         common.write_rows(rows, data)
         cfg = ppo_config(anchor, wl, data, Path(tmp) / "run", Path(args.model_dir), args.dtype)
         if args.value_model == "policy":
-            cfg.value_model = "policy"
+            cfg.value_on_policy = True
         _, seen, call_s = common.run_training(train, cfg)
         peak_rss = common.peak_rss_mib()
     widths = prompt_widths(cfg, rows, len(seen))
@@ -590,7 +592,7 @@ def parse_args(argv=None):
         choices=("model", "policy"),
         default="model",
         help="chatrlhf's critic: a separate value model from the reward model as TRL's (default), or "
-        "`value_model: policy`, a head on the policy with one forward and backward for both (not TRL's method)",
+        "`value_on_policy: true`, a head on the policy with one forward and backward for both (not TRL's method)",
     )
     ap.add_argument("--model-dir", default=str(MODEL_DIR), help=argparse.SUPPRESS)  # e.g. a tiny test model
     args = common.parse_comparison(ap, argv)

@@ -406,8 +406,8 @@ def child_main(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from chatrlhf.chat import sequence_ids
-    from chatrlhf.configs import DataConfig, RewardConfig
+    from chatrlhf.chat_template import sequence_ids
+    from chatrlhf.configs import RankingData, RewardConfig
     from chatrlhf.models import load_tokenizer
     from chatrlhf.preferences import load_rankings
     from chatrlhf.reward import score_rankings, train
@@ -427,7 +427,7 @@ def child_main(args) -> None:
         write_rankings(data["wide"], wide_file)
         cfg = RewardConfig(
             model=str(MODEL_DIR),
-            data=DataConfig(
+            data=RankingData(
                 train=str(train_file), eval=str(heldout_file), max_length=w["max_length"], shuffle=False
             ),
             output_dir=str(run_dir),

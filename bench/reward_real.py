@@ -77,7 +77,7 @@ def make_split(max_length: int, train_fraction: float, split_seed: int) -> dict:
     """Train and held-out rankings, split by tree, answers longer than max_length - 1 tokens left out."""
     import random
 
-    from chatrlhf.chat import sequence_ids
+    from chatrlhf.chat_template import sequence_ids
     from chatrlhf.models import load_tokenizer
     from chatrlhf.preferences import load_rankings
 
@@ -456,8 +456,7 @@ def child_main(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from chatrlhf.config import load_config
-    from chatrlhf.configs import RewardConfig
+    from chatrlhf.configs import RewardConfig, load_config
     from chatrlhf.preferences import load_rankings
     from chatrlhf.reward import score_rankings, train
 

@@ -146,7 +146,7 @@ def parent_main(args) -> None:
 
 def count_tokens(rows: list[dict], batch_size: int) -> dict:
     """Non-pad tokens of the rendered conversations (default system turn included) and padded batch widths."""
-    from chatrlhf.chat import render
+    from chatrlhf.chat_template import render
     from chatrlhf.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(MODEL_DIR))
@@ -165,14 +165,14 @@ def count_tokens(rows: list[dict], batch_size: int) -> dict:
 def sft_config(anchor, data: Path, output_dir: Path, dtype: str, micro_batch: int):
     """The anchor's settings. The 8 rows of an optimizer step go through `micro_batch` rows per forward
     pass (grad_accum = 8 / micro_batch): the same gradient, less padding."""
-    from chatrlhf.configs import DataConfig, SFTConfig
+    from chatrlhf.configs import DemoData, SFTConfig
 
     w = anchor.SFT
     if w["batch_size"] % micro_batch:
         raise SystemExit(f"--micro-batch must divide the batch size {w['batch_size']}")
     return SFTConfig(
         model=str(MODEL_DIR),
-        data=DataConfig(train=str(data), max_length=w["max_length"], shuffle=False),
+        data=DemoData(train=str(data), max_length=w["max_length"], shuffle=False),
         output_dir=str(output_dir),
         max_steps=0,
         epochs=w["epochs"],

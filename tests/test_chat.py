@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from chatrlhf.chat import ensure_pad_token, prompt_ids, render
+from chatrlhf.chat_template import ensure_pad_token, prompt_ids, render
 
 CHAT = [
     {"role": "system", "content": "You answer in one line."},

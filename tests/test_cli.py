@@ -99,20 +99,29 @@ def test_default_model_on_openassistant_trees(tmp_path):
     trees = SHARED_DATA / "openassistant-oasst-en100" / "en_100_tree.jsonl"
     if not trees.is_file():
         pytest.skip(f"shared data not found at {trees} (set CHATRLHF_SHARED_DATA)")
-    from chatrlhf.configs import DataConfig, SFTConfig
+    from chatrlhf.configs import DemoData, SFTConfig
     from chatrlhf.data import load_demonstrations
     from chatrlhf.sft import train
 
     conversations = load_demonstrations(str(trees))
     assert len(conversations) > 50 and any(len(c.messages) > 2 for c in conversations)
     cfg = SFTConfig(
-        data=DataConfig(train=str(trees), max_length=256, truncation=True),
+        data=DemoData(train=str(trees), max_length=256, truncation=True),
         output_dir=str(tmp_path / "oasst"),
         max_steps=2,
         batch_size=2,
         lr=1e-5,
         save_every=0,
     )
-    summary = train(cfg)
-    assert 0 < summary["train/loss"] < 10
-    assert Path(cfg.output_dir, "model.safetensors").is_file()
+    train(cfg)
+    steps = [json.loads(x) for x in Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
+    losses = [s["train/loss"] for s in steps if "train/loss" in s]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    # the exported checkpoint is the trained model: it differs from the start and loads with its tokenizer
+    from chatrlhf.models import resolve_model
+
+    start = AutoModelForCausalLM.from_pretrained(resolve_model("")).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(cfg.output_dir).state_dict()
+    assert set(trained) == set(start)
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "SFT changed no weight"
+    assert AutoTokenizer.from_pretrained(cfg.output_dir).eos_token_id is not None

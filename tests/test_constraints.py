@@ -9,7 +9,7 @@ import random
 import pytest
 from conftest import SHARED_DATA
 
-from chatrlhf.judges import Constraint, parse_constraints, unconstrained
+from chatrlhf.constraints import Constraint, parse_constraints, unconstrained
 
 MAX, MIN, BULLETS = "max_words", "min_words", "bullets"
 LOWER, UPPER, QUESTION = Constraint("lowercase"), Constraint("uppercase"), Constraint("question")

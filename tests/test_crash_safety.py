@@ -41,7 +41,7 @@ def stage_args(stage: str, data: Path, tiny_model: str, tokenizer) -> list[str]:
         prompts = write_jsonl(data / "prompts.jsonl", [{"prompt": f"Name thing {i}."} for i in range(8)])
         rm = make_tiny_model(data / "rm", tokenizer, seed=2)
         args = ["ppo", "--model", tiny_model, "--reward_model", rm, "--data.train", prompts]
-        args += ["--batch_size", 4, "--max_new_tokens", 6, "--ppo_epochs", 1, "--sample_every", 1]
+        args += ["--batch_size", 4, "--sampling.max_new_tokens", 6, "--ppo_epochs", 1, "--sample_every", 1]
     return [str(a) for a in args + common]
 
 

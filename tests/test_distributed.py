@@ -106,7 +106,7 @@ def test_ppo_step_in_two_processes(tiny_model, tmp_path):
             "2",
             "--batch_size",
             "2",
-            "--max_new_tokens",
+            "--sampling.max_new_tokens",
             "4",
             "--ppo_epochs",
             "1",

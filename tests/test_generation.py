@@ -73,7 +73,8 @@ def test_distinct_rows_lists_each_prompt_once_in_first_seen_order():
 
 
 def test_rows_with_the_same_prompt_share_one_prefill_and_sample_as_before(tiny_model, tokenizer):
-    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.generation import generate
     from chatrlhf.models import load_causal_lm
 
     model = load_causal_lm(tiny_model, tokenizer, torch.device("cpu"))
@@ -111,8 +112,9 @@ def test_kept_trunk_equals_a_full_forward_of_the_sequences_at_every_real_token(t
     model reads it), also for rows that stopped early and left the batch; the tokens are unchanged."""
     from conftest import make_tiny_model
 
+    from chatrlhf.configs import SamplingConfig
     from chatrlhf.forward import trunk_hidden
-    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.generation import generate
     from chatrlhf.models import load_causal_lm
 
     model = load_causal_lm(make_tiny_model(tmp_path, tokenizer, layers=3), tokenizer, torch.device("cpu"))
@@ -156,10 +158,9 @@ def test_rows_sharing_a_prompt_run_it_once_in_training_forwards_with_the_same_nu
     from conftest import make_tiny_model
     from transformers import AutoModelForSequenceClassification
 
-    from chatrlhf import forward
-    from chatrlhf.configs import LoraConfig
-    from chatrlhf.forward import response_logits, sequence_scores, token_values, trunk_hidden
-    from chatrlhf.generation import SamplingConfig, generate
+    from chatrlhf.configs import LoraConfig, SamplingConfig
+    from chatrlhf.forward import response_logits, sequence_scores, sharing, token_values, trunk_hidden
+    from chatrlhf.generation import generate
     from chatrlhf.models import apply_lora, load_causal_lm
 
     path = make_tiny_model(tmp_path, tokenizer, layers=3)
@@ -189,7 +190,7 @@ def test_rows_sharing_a_prompt_run_it_once_in_training_forwards_with_the_same_nu
     real = gen.response_mask.bool()
     trunk = trunk_hidden(model, seq, att, 2)
     shared = []
-    real_shared = forward._shared_prompt_decode
+    real_shared = sharing._shared_prompt_decode
 
     def counting(*args):
         shared.append(len(args[3]))
@@ -210,7 +211,7 @@ def test_rows_sharing_a_prompt_run_it_once_in_training_forwards_with_the_same_nu
             got["scores"] = sequence_scores(scorer, seq[rows], att[rows], last[rows], prompt_width=width)
         return got
 
-    monkeypatch.setattr(forward, "_shared_prompt_decode", counting)
+    monkeypatch.setattr(sharing, "_shared_prompt_decode", counting)
     together = outputs(torch.arange(len(seq)))
     assert shared == [2, 2, 2, 2]  # logits with and without the trunk, values, scores: 2 distinct prompts
     alone = [outputs(torch.tensor([r])) for r in range(len(seq))]  # a row alone has nothing to share

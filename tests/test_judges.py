@@ -92,7 +92,7 @@ def test_reference_judge_embedding_similarity():
 def test_reward_model_judge_reads_the_checkpoint_as_transformers_does(tiny_model, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from chatrlhf.chat import sequence_ids
+    from chatrlhf.chat_template import sequence_ids
     from chatrlhf.models import load_reward_model
 
     judge = RewardModelJudge(tiny_model)

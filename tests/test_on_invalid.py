@@ -126,7 +126,10 @@ def test_sft_command_records_none_left_out_under_stop(tmp_path, tiny_model, demo
     run = json.loads((tmp_path / "sft" / "run.json").read_text())
     assert run["lineage"]["invalid_records"] == {"on_invalid": "stop", "left_out": 0, "reasons": []}
     result = chatrlhf(*args, "--output_dir", str(tmp_path / "x"), "--data.on_invalid", "maybe")
-    assert result.returncode == 2 and "data.on_invalid: 'maybe' is not one of stop, skip" in result.stderr
+    assert (
+        result.returncode == 2
+        and "`data.on_invalid` must be one of stop | skip, got 'maybe'" in result.stderr
+    )
 
 
 def test_contradictory_preferences_are_refused_and_ties_are_fine(tmp_path):

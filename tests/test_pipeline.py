@@ -40,7 +40,7 @@ def test_eval_of_a_model_against_itself_is_all_ties_and_zero_kl(tiny_model, tmp_
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "eval"
     args = ["--policy", tiny_model, "--baseline", tiny_model, "--prompts", prompts, "--judge", "rule"]
-    result = chatrlhf("eval", *args, "--max_new_tokens", "6", "--samples", "2", "--output", str(out))
+    result = chatrlhf("eval", *args, "--sampling.max_new_tokens", "6", "--samples", "2", "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((out / "eval.json").read_text())
     assert figures["pairs"] == 16 and figures["ties"] == 16 and figures["win_rate"] == 0.5
@@ -54,7 +54,16 @@ def test_eval_of_a_model_against_itself_is_all_ties_and_zero_kl(tiny_model, tmp_
 
 def test_eval_warns_about_prompts_the_rule_judge_reads_no_constraint_in(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2] + [{"prompt": "Hello there."}])
-    args = ["--policy", tiny_model, "--baseline", tiny_model, "--prompts", prompts, "--max_new_tokens", "4"]
+    args = [
+        "--policy",
+        tiny_model,
+        "--baseline",
+        tiny_model,
+        "--prompts",
+        prompts,
+        "--sampling.max_new_tokens",
+        "4",
+    ]
     result = chatrlhf("eval", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "finds no constraint in 1 of 3 prompts" in " ".join(result.stderr.split())
@@ -63,9 +72,20 @@ def test_eval_warns_about_prompts_the_rule_judge_reads_no_constraint_in(tiny_mod
 def test_eval_of_different_models(tiny_model, tokenizer, tmp_path):
     other = make_tiny_model(tmp_path / "other", tokenizer, seed=5)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    args = ["--policy", other, "--baseline", tiny_model, "--prompts", prompts, "--max_new_tokens", "6"]
+    args = [
+        "--policy",
+        other,
+        "--baseline",
+        tiny_model,
+        "--prompts",
+        prompts,
+        "--sampling.max_new_tokens",
+        "6",
+    ]
     third = make_tiny_model(tmp_path / "third", tokenizer, seed=6)
-    result = chatrlhf("eval", *args, "--temperature", "1.0", "--base", third, "--output", str(tmp_path / "e"))
+    result = chatrlhf(
+        "eval", *args, "--sampling.temperature", "1.0", "--base", third, "--output", str(tmp_path / "e")
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert figures["wins"] + figures["ties"] + figures["losses"] == 8
@@ -110,10 +130,10 @@ def _pipeline_files(tmp_path) -> list[str]:
 def _config(tmp_path, model: str) -> str:
     path = tmp_path / "pipeline.yaml"
     path.write_text(
-        f"model: {model}\nseed: 3\nsample:\n  k: 3\n  max_new_tokens: 6\nlabel:\n  noise: 0.1\n"
+        f"model: {model}\nseed: 3\nsample:\n  k: 3\n  sampling:\n    max_new_tokens: 6\nlabel:\n  noise: 0.1\n"
         "sft:\n  max_steps: 2\n  batch_size: 2\nreward:\n  epochs: 1\n  batch_size: 4\n  eval_fraction: 0.25\n"
-        "ppo:\n  max_steps: 2\n  batch_size: 4\n  max_new_tokens: 6\n  save_every: 0\n"
-        "eval:\n  max_new_tokens: 6\n"
+        "ppo:\n  max_steps: 2\n  batch_size: 4\n  sampling:\n    max_new_tokens: 6\n  save_every: 0\n"
+        "eval:\n  sampling:\n    max_new_tokens: 6\n"
     )
     return str(path)
 

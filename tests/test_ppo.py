@@ -10,7 +10,7 @@ import torch
 from conftest import chatrlhf, make_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from chatrlhf.configs import DataConfig, PPOConfig
+from chatrlhf.configs import PPOConfig, PromptData, RankingData
 from chatrlhf.experience import make_experience, rollout, score_rollouts
 from chatrlhf.forward import gather_logprobs, response_logits
 from chatrlhf.generation import SamplingConfig, generate
@@ -47,10 +47,9 @@ def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
     base = dict(
         model=tiny_model,
         value_model=tiny_model,
-        data=DataConfig(train=prompts_file),
+        data=PromptData(train=prompts_file),
         output_dir=str(out),
         batch_size=8,
-        max_new_tokens=8,
         lr=3e-3,
         ppo_epochs=2,
         minibatches=2,
@@ -58,8 +57,11 @@ def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
         sample_every=5,
         dtype="fp32",
     )
+    sampling = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k") if k in kw}
+    if kw.get("value_model") == "policy":  # the value head on the policy, no value model
+        kw.update(value_model="", value_on_policy=True)
     base.update(kw)
-    return PPOConfig(**base)
+    return PPOConfig(**base, sampling=SamplingConfig(**{"max_new_tokens": 8, "temperature": 1.0, **sampling}))
 
 
 def assert_same_metrics(runs: dict[bool, list[dict]], extra: tuple[str, ...], exact: bool = False) -> None:
@@ -131,7 +133,7 @@ def test_reference_stays_bit_identical_through_an_update_that_changes_the_policy
 ):
     from accelerate import Accelerator
 
-    from chatrlhf.ppo import _PPOLoss, ppo_update, train_state
+    from chatrlhf.ppo import UpdateContext, _PPOLoss, ppo_update, train_state
 
     cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path, lr=1e-3)
     before = {n: p.detach().clone() for n, p in models.reference.named_parameters()}
@@ -140,7 +142,7 @@ def test_reference_stays_bit_identical_through_an_update_that_changes_the_policy
     accelerator = Accelerator(cpu=True)
     wrapped, optimizer = accelerator.prepare(_PPOLoss(models, cfg, tokenizer.pad_token_id), state.optimizer)
     stats = ppo_update(
-        accelerator, wrapped, exp, cfg, optimizer, torch.Generator().manual_seed(0), None, None
+        UpdateContext(accelerator, wrapped, optimizer, cfg), exp, torch.Generator().manual_seed(0)
     )
     assert stats["ppo/grad_norm"] > 0
     changed = [n for n, p in models.policy.named_parameters() if not torch.equal(p, policy_before[n])]
@@ -149,7 +151,7 @@ def test_reference_stays_bit_identical_through_an_update_that_changes_the_policy
 
 
 def _experience(tiny_model, tokenizer, prompts_file, tmp_path, models=None, **kw):
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     cfg = ppo_config(tiny_model, prompts_file, tmp_path / "x", **kw)
     if models is None:
@@ -236,7 +238,7 @@ def test_ppo_command_with_a_reward_model(tmp_path, tokenizer, prompts_file):
         "2",
         "--batch_size",
         "4",
-        "--max_new_tokens",
+        "--sampling.max_new_tokens",
         "6",
         "--kl_estimator",
         "k3",
@@ -298,7 +300,7 @@ def test_lora_ppo_trains_adapters_and_uses_the_disabled_adapter_as_reference(
     tiny_model, tokenizer, prompts_file, tmp_path
 ):
     from chatrlhf.configs import LoraConfig
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     cfg = ppo_config(
         tiny_model,
@@ -381,7 +383,7 @@ def test_old_logprobs_from_a_forward_are_the_reference_computation(
     step's KL is exactly 0, which decoding's incremental bf16 forward does not promise."""
     from chatrlhf.configs import LoraConfig
     from chatrlhf.harness import autocast
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
     reward = low_half_reward(len(tokenizer))
@@ -416,14 +418,20 @@ def test_old_logprobs_from_a_forward_are_the_reference_computation(
         "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--data.train", prompts_file,
         "--output_dir", str(tmp_path / "bad"), "--logprobs_from", "decoder",
     )  # fmt: skip
-    assert result.returncode == 2 and "logprobs_from: 'decoder' is not rollout or forward" in result.stderr
+    assert (
+        result.returncode == 2
+        and "`logprobs_from` must be one of rollout | forward, got 'decoder'" in result.stderr
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
 
 
 def test_rloo_needs_two_answers_per_prompt(tmp_path, tiny_model, prompts_file):
     for extra, message in (
         (["--advantage_estimator", "rloo"], "samples_per_prompt must be at least 2"),
-        (["--advantage_estimator", "vtrace"], "advantage_estimator: 'vtrace' is not gae or rloo"),
+        (
+            ["--advantage_estimator", "vtrace"],
+            "`advantage_estimator` must be one of gae | rloo, got 'vtrace'",
+        ),
         (["--samples_per_prompt", "0"], "samples_per_prompt must be at least 1"),
     ):
         result = chatrlhf(
@@ -440,7 +448,7 @@ def test_shared_trunk_changes_no_number_and_no_frozen_weight(tiny_model, tokeniz
     exported weights equal those of separate full-depth forwards; the layers below the adapters stay as
     they were."""
     from chatrlhf.configs import LoraConfig
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
     runs = {}
@@ -468,7 +476,7 @@ def test_second_iteration_shares_the_trunk_with_its_separate_reference(
     per batch, with the same numbers as separate full-depth forwards. A reference whose bottom differs
     shares nothing."""
     from chatrlhf.configs import LoraConfig
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
     first = ppo_config(tiny_model, prompts_file, tmp_path / "iter1", max_steps=1, lora=lora)
@@ -513,11 +521,11 @@ def test_shared_trunk_reference_and_policy_logprobs_equal_full_forwards(
                 p.add_(0.05 * torch.randn_like(p))
         seq, att, width = exp.sequences, exp.attention_mask, exp.prompt_width
         trunk = trunk_hidden(models.policy, seq, att, 1)
-        policy_full = response_logits(models.policy, seq, att, width, cfg.temperature)
-        policy_split = response_logits(models.policy, seq, att, width, cfg.temperature, trunk)
+        policy_full = response_logits(models.policy, seq, att, width, cfg.sampling.temperature)
+        policy_split = response_logits(models.policy, seq, att, width, cfg.sampling.temperature, trunk)
         with models.policy.disable_adapter():
-            ref_full = response_logits(models.policy, seq, att, width, cfg.temperature)
-            ref_split = response_logits(models.policy, seq, att, width, cfg.temperature, trunk)
+            ref_full = response_logits(models.policy, seq, att, width, cfg.sampling.temperature)
+            ref_split = response_logits(models.policy, seq, att, width, cfg.sampling.temperature, trunk)
     assert not torch.allclose(policy_full, ref_full, atol=1e-3)
     assert torch.allclose(policy_full, policy_split, atol=1e-5)
     assert torch.allclose(ref_full, ref_split, atol=1e-5)
@@ -528,12 +536,12 @@ def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, 
     autocast does not cast it again at every forward; the reward model, never exported, lets its fp32
     weights go. Every logged metric equals a run that leaves them in fp32, and the export (LoRA merged into
     the fp32 weights) is the same to the bit."""
-    from chatrlhf import ppo as ppo_module
+    from chatrlhf import ppo_models
     from chatrlhf.configs import LoraConfig
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj", "down_proj"], layers=1)
     runs, held, kept = {}, [], []
-    real = ppo_module.hold_frozen_linears
+    real = ppo_models.hold_frozen_linears
 
     def counting(model, dtype, keep_originals=True):
         restore = real(model, dtype, keep_originals)
@@ -544,9 +552,9 @@ def test_frozen_weights_held_in_bf16_change_no_number(tiny_model, prompts_file, 
 
     for hold in (True, False):
         if hold:
-            monkeypatch.setattr(ppo_module, "hold_frozen_linears", counting)
+            monkeypatch.setattr(ppo_models, "hold_frozen_linears", counting)
         else:
-            monkeypatch.setattr(ppo_module, "hold_frozen_linears", lambda *args, **kwargs: lambda: None)
+            monkeypatch.setattr(ppo_models, "hold_frozen_linears", lambda *args, **kwargs: lambda: None)
         cfg = ppo_config(
             tiny_model, prompts_file, tmp_path / f"hold{hold}", max_steps=2, lora=lora, dtype="bf16",
             reward_model=tiny_model,
@@ -587,7 +595,7 @@ def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the
     one checkpoint) run only the layers above the shared trunk: values, scores, every metric and the export
     equal separate full-depth forwards. A reward model with other weights is detected and runs in full."""
     from chatrlhf.configs import LoraConfig
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
 
     lora = LoraConfig(rank=4, targets=["q_proj", "v_proj"], layers=1)
     other_rm = make_tiny_model(tmp_path / "other_rm", tokenizer, seed=7)
@@ -614,7 +622,7 @@ def test_value_and_reward_models_read_the_shared_trunk_when_their_layers_are_the
 def test_value_head_on_the_policy_learns_in_one_forward_and_resumes_exactly(
     tiny_model, tokenizer, prompts_file, tmp_path
 ):
-    """`value_model: policy`: no value model, a scalar head on the policy's last hidden state. The reward
+    """`value_on_policy`: no value model, a scalar head on the policy's last hidden state. The reward
     rises, the head learns (value loss falls, its weights leave zero), the export holds the head and no
     value model, and an interrupted run resumes to the same metrics."""
     from safetensors.torch import load_file
@@ -704,11 +712,11 @@ def test_value_head_on_the_policy_reads_the_hidden_states_of_one_policy_forward(
 def test_value_head_on_the_policy_needs_gae(tmp_path, tiny_model, prompts_file):
     result = chatrlhf(
         "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--data.train", prompts_file,
-        "--output_dir", str(tmp_path / "out"), "--value_model", "policy",
+        "--output_dir", str(tmp_path / "out"), "--value_on_policy",
         "--advantage_estimator", "rloo", "--samples_per_prompt", "2",
     )  # fmt: skip
     assert result.returncode != 0
-    assert "value_model: policy" in result.stderr and "rloo" in result.stderr
+    assert "value_on_policy: advantage_estimator rloo uses no value model" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -721,11 +729,11 @@ def test_freeze_layers_full_fine_tune_shares_the_frozen_trunk_with_reference_val
     from conftest import preference_rows
 
     from chatrlhf.configs import RewardConfig
-    from chatrlhf.ppo import load_models
+    from chatrlhf.ppo_models import load_models
     from chatrlhf.reward import train as train_reward
 
     rm = RewardConfig(
-        model=tiny_model, data=DataConfig(train=write_jsonl(tmp_path / "rank.jsonl", preference_rows(40, 0))),
+        model=tiny_model, data=RankingData(train=write_jsonl(tmp_path / "rank.jsonl", preference_rows(40, 0))),
         output_dir=str(tmp_path / "rm"), batch_size=8, lr=1e-3, save_every=0, dtype="fp32", freeze_layers=1,
     )  # fmt: skip
     train_reward(rm)
@@ -759,7 +767,7 @@ def test_minibatches_take_a_prompts_answers_together(tiny_model, tokenizer, prom
     from accelerate import Accelerator
 
     from chatrlhf.forward import prompt_groups
-    from chatrlhf.ppo import ppo_update
+    from chatrlhf.ppo import UpdateContext, ppo_update
 
     cfg, models, exp = _experience(tiny_model, tokenizer, prompts_file, tmp_path)
     rows = exp.sequences.shape[0]
@@ -782,10 +790,10 @@ def test_minibatches_take_a_prompts_answers_together(tiny_model, tokenizer, prom
         recorder = Recorder()
         batch = dataclasses.replace(exp, sequences=sequences, attention_mask=attention)
         cfg.ppo_epochs, cfg.minibatches = 2, 2
-        ppo_update(
-            Accelerator(cpu=True), recorder, batch, cfg, torch.optim.SGD(recorder.parameters(), lr=0.1),
-            torch.Generator().manual_seed(4), None, None,
-        )  # fmt: skip
+        context = UpdateContext(
+            Accelerator(cpu=True), recorder, torch.optim.SGD(recorder.parameters(), lr=0.1), cfg
+        )
+        ppo_update(context, batch, torch.Generator().manual_seed(4))
         assert len(recorder.seen) == 4
         for epoch in (recorder.seen[:2], recorder.seen[2:]):
             assert sorted(r for mb in epoch for r in mb) == list(range(len(sequences)))

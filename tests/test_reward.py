@@ -10,11 +10,11 @@ import torch
 from conftest import SHARED_DATA, chatrlhf, preference_rows, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from chatrlhf.chat import sequence_ids
-from chatrlhf.configs import DataConfig, RewardConfig
+from chatrlhf.chat_template import sequence_ids
+from chatrlhf.configs import RankingData, RewardConfig
 from chatrlhf.forward import reward_scores
 from chatrlhf.losses import ranking_loss, ranking_pairs
-from chatrlhf.models import load_reward_model
+from chatrlhf.models import load_reward_model, load_tokenizer, resolve_model
 from chatrlhf.preferences import Ranking, check_ranking, load_rankings
 from chatrlhf.records import DataError
 from chatrlhf.reward import RankedItem, _reward_stage, split_by_prompt, train
@@ -86,7 +86,7 @@ def test_learns_a_synthetic_preference(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(240, 0))
     cfg = RewardConfig(
         model=tiny_model,
-        data=DataConfig(train=data),
+        data=RankingData(train=data),
         output_dir=str(tmp_path / "rm"),
         epochs=3,
         batch_size=8,
@@ -106,7 +106,7 @@ def test_gradient_checkpointing_trains_packed_rows_the_same(tiny_model, tmp_path
     for checkpointing in (False, True):
         cfg = RewardConfig(
             model=tiny_model,
-            data=DataConfig(train=data),
+            data=RankingData(train=data),
             output_dir=str(tmp_path / f"rm{checkpointing}"),
             max_steps=2,
             batch_size=4,
@@ -138,7 +138,7 @@ def test_export_loads_in_transformers_and_matches_score_command(tiny_model, toke
     )
     cfg = RewardConfig(
         model=tiny_model,
-        data=DataConfig(train=data),
+        data=RankingData(train=data),
         output_dir=str(tmp_path / "rm"),
         max_steps=2,
         lr=1e-3,
@@ -244,17 +244,32 @@ def test_default_model_on_openassistant_rankings(tmp_path):
     trees = SHARED_DATA / "openassistant-oasst-en100" / "en_100_tree.jsonl"
     if not trees.is_file():
         pytest.skip(f"shared data not found at {trees} (set CHATRLHF_SHARED_DATA)")
+    lines = trees.read_text(encoding="utf-8").splitlines()  # one message tree per line
+    train_file = write_jsonl(tmp_path / "train.jsonl", [json.loads(x) for x in lines[:80]])
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [json.loads(x) for x in lines[80:]])
     cfg = RewardConfig(
-        data=DataConfig(train=str(trees), max_length=320, truncation=True),
+        data=RankingData(train=train_file, eval=eval_file, max_length=320, truncation=True),
         output_dir=str(tmp_path / "rm"),
         max_steps=3,
         batch_size=2,
-        eval_fraction=0.05,
         save_every=0,
     )
     summary = train(cfg)
-    assert 0.0 <= summary["rm/accuracy"] <= 1.0 and summary["rm/loss"] > 0
-    print(f"OpenAssistant held-out pairwise accuracy after 2 steps: {summary['rm/accuracy']:.3f}")
+    # held-out accuracy over exactly the held-out trees' ranked pairs that fit max_length
+    tok = load_tokenizer(resolve_model(""))
+    held_out = [
+        r
+        for r in load_rankings(eval_file)
+        if all(len(sequence_ids(tok, r.prompt, a)) <= cfg.data.max_length for a in r.responses)
+    ]
+    assert summary["rm/eval_pairs"] == sum(len(ranking_pairs(r.ranks)) for r in held_out) > 0
+    assert torch.isfinite(torch.tensor(summary["rm/loss"]))
+    # training moved the weights the reward model started from
+    before = load_reward_model(resolve_model(""), tok, torch.device("cpu")).state_dict()
+    after = load_reward_model(cfg.output_dir, tok, torch.device("cpu")).state_dict()
+    moved = [k for k in after if k in before and "score" not in k and not torch.equal(after[k], before[k])]
+    assert moved, "no trunk weight changed"
+    print(f"OpenAssistant held-out pairwise accuracy after 3 steps: {summary['rm/accuracy']:.3f}")
 
 
 def test_packed_rows_attend_per_answer_segment_under_sdpa(tiny_model, tokenizer):
@@ -309,7 +324,7 @@ def test_shared_prompt_forward_equals_full_forward(tiny_model, tokenizer, attent
 def test_freeze_layers_trains_the_top_and_head_and_keeps_the_bottom_to_the_bit(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "rank.jsonl", preference_rows(240, 0))
     cfg = RewardConfig(
-        model=tiny_model, data=DataConfig(train=data), output_dir=str(tmp_path / "rm"), epochs=3, batch_size=8,
+        model=tiny_model, data=RankingData(train=data), output_dir=str(tmp_path / "rm"), epochs=3, batch_size=8,
         lr=3e-3, eval_fraction=0.2, save_every=0, dtype="fp32", freeze_layers=1,
     )  # fmt: skip
     summary = train(cfg)

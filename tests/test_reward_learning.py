@@ -11,9 +11,8 @@ import torch
 from conftest import write_jsonl
 from transformers import set_seed
 
-from chatrlhf.chat import sequence_ids
-from chatrlhf.config import load_config
-from chatrlhf.configs import RewardConfig
+from chatrlhf.chat_template import sequence_ids
+from chatrlhf.configs import RewardConfig, load_config
 from chatrlhf.errors import UserError
 from chatrlhf.forward import reward_scores
 from chatrlhf.losses import ranking_pairs
@@ -79,9 +78,8 @@ def test_pair_weighting_splits_into_micro_batches_like_the_full_step(tiny_model,
 
 def test_unknown_loss_weighting_is_refused_naming_the_key(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "responses": ["a", "b"], "ranks": [1, 2]}])
-    cfg = config(tiny_model, data, "", tmp_path / "rm", "--loss_weighting", "per_token")
-    with pytest.raises(UserError, match=r"loss_weighting: 'per_token' is not one of prompt, pair"):
-        train(cfg)
+    with pytest.raises(UserError, match=r"`loss_weighting` must be one of prompt \| pair, got 'per_token'"):
+        config(tiny_model, data, "", tmp_path / "rm", "--loss_weighting", "per_token")
     assert not (tmp_path / "rm").exists()
 
 

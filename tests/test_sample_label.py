@@ -22,7 +22,18 @@ PROMPTS = [
 def test_sample_then_auto_label_then_export(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     db = str(tmp_path / "labels.db")
-    args = ["--prompts", prompts, "--k", "4", "--db", db, "--model", tiny_model, "--max_new_tokens", "6"]
+    args = [
+        "--prompts",
+        prompts,
+        "--k",
+        "4",
+        "--db",
+        db,
+        "--model",
+        tiny_model,
+        "--sampling.max_new_tokens",
+        "6",
+    ]
     result = chatrlhf("sample", *args, "--labels_per_task", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     store = Store(db)

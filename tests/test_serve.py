@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from chatrlhf.chat import prompt_ids
+from chatrlhf.chat_template import prompt_ids
 from chatrlhf.models import load_tokenizer
 
 NAME = "tiny"
@@ -356,13 +356,15 @@ def test_chat_page_in_a_browser(server, client):
 
 
 def test_terminal_chat(tiny_model, tmp_path):
-    from chatrlhf.configs import ChatConfig
+    from chatrlhf.configs import ChatConfig, SamplingConfig
     from chatrlhf.terminal import run
 
     out = io.StringIO()
     saved = tmp_path / "chat.jsonl"
     messages = run(
-        ChatConfig(model=tiny_model, temperature=0, max_new_tokens=6, system="Be brief."),
+        ChatConfig(
+            model=tiny_model, sampling=SamplingConfig(max_new_tokens=6, temperature=0), system="Be brief."
+        ),
         lines=["Hi", "And then?", f"/save {saved}", "/reset", "New topic", "/exit"],
         out=out,
     )

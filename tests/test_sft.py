@@ -12,7 +12,7 @@ import torch
 from conftest import demo_rows
 from transformers import AutoModelForCausalLM
 
-from chatrlhf.configs import DataConfig, SFTConfig
+from chatrlhf.configs import DemoData, SFTConfig
 from chatrlhf.data import pack, tokenize_conversations
 from chatrlhf.forward import collate, target_logits
 from chatrlhf.records import Conversation
@@ -21,7 +21,7 @@ from chatrlhf.sft import train
 
 
 def config(tiny_model, demos_file, out, **kw) -> SFTConfig:
-    data = DataConfig(train=demos_file, shuffle=kw.pop("shuffle", True), packing=kw.pop("packing", False))
+    data = DemoData(train=demos_file, shuffle=kw.pop("shuffle", True), packing=kw.pop("packing", False))
     base = dict(
         model=tiny_model,
         data=data,

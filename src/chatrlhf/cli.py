@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from chatrlhf import configs
-from chatrlhf.config import field_help, load_config
+from chatrlhf.configs import field_help, load_config
 from chatrlhf.errors import UserError
 
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatrlhf.chat import render
+from chatrlhf.chat_template import render
 from chatrlhf.oasst import tree_demonstrations
 from chatrlhf.records import (
     Conversation,

@@ -25,6 +25,7 @@ from chatrlhf.configs import (
     PPOConfig,
     RewardConfig,
     SampleConfig,
+    SamplingConfig,
     SFTConfig,
 )
 from chatrlhf.runs import atomic_write_jsonl
@@ -132,7 +133,6 @@ def best_of_n_demonstrations(
 ) -> list[dict]:
     """The rule judge's best of n sampled answers per prompt, where it meets every constraint; a written
     answer elsewhere. Each record says which (`source`)."""
-    from chatrlhf.generation import SamplingConfig
     from chatrlhf.judges import RuleJudge, satisfies_all
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
     from chatrlhf.records import Conversation
@@ -178,12 +178,14 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
         seed=cfg.seed,
         resume=cfg.resume,
         overwrite=not cfg.resume,
-        sample=SampleConfig(k=cfg.k, max_new_tokens=tokens, batch_prompts=8),
+        sample=SampleConfig(
+            k=cfg.k, sampling=SamplingConfig(max_new_tokens=tokens, temperature=1.0), batch_prompts=8
+        ),
         label=LabelAutoConfig(judge="rule", noise=cfg.noise, tie_margin=cfg.tie_margin, seed=cfg.seed),
         sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
         # the reward model trains the layers above PPO's shared trunk only (and its head): its bottom stays
         # the SFT model's, so PPO scores with the trunk it computes anyway; measured against full training
-        # on gold-judged held-out pairs in the README's demo section
+        # on gold-judged held-out pairs in docs/demo.md
         reward=RewardConfig(
             epochs=cfg.rm_epochs,
             batch_size=8,
@@ -194,7 +196,7 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
         ),
         # 4 answers per prompt with the leave-one-out baseline: the prompt's difficulty (which constraint
         # pair it asks for) drops out of the advantage without a critic to warm up; LoRA in the last 8
-        # layers stops backward there; the settings measured are in the README's demo section
+        # layers stops backward there; the settings measured are in docs/demo.md
         ppo=PPOConfig(
             max_steps=cfg.ppo_steps,
             batch_size=8,
@@ -204,7 +206,7 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
             lr_scheduler="constant",  # InstructGPT: constant after warm-up
             warmup_ratio=0.1,
             lora=LoraConfig(rank=16, layers=min(8, depth)),
-            max_new_tokens=tokens,
+            sampling=SamplingConfig(max_new_tokens=tokens, temperature=1.0),
             kl_coef=0.4,
             ppo_epochs=2,
             minibatches=2,
@@ -212,7 +214,9 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
             save_every=0,
             sample_every=max(1, cfg.ppo_steps // 3),
         ),
-        eval=EvalConfig(judge="rule", max_new_tokens=tokens, samples=2, temperature=0.7, show=8),
+        eval=EvalConfig(
+            judge="rule", sampling=SamplingConfig(max_new_tokens=tokens, temperature=0.7), samples=2, show=8
+        ),
     )
 
 

@@ -22,12 +22,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from chatrlhf.chat import prompt_ids
-from chatrlhf.configs import EvalConfig
+from chatrlhf.chat_template import prompt_ids
+from chatrlhf.configs import EvalConfig, SamplingConfig
 from chatrlhf.data import load_prompts
 from chatrlhf.errors import UserError
 from chatrlhf.forward import gather_logprobs, response_logits
-from chatrlhf.generation import SamplingConfig, generate
+from chatrlhf.generation import generate
 from chatrlhf.judges import RuleJudge, constraints_of, make_judge, satisfies_all, unconstrained
 from chatrlhf.records import Conversation
 from chatrlhf.runs import atomic_write_jsonl, atomic_write_text
@@ -60,7 +60,7 @@ def check_config(cfg: EvalConfig) -> None:
     for name in ("policy", "baseline", "prompts"):
         if not getattr(cfg, name):
             raise UserError(f"eval: say which {name} to use: --{name} ...")
-    if cfg.samples < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
+    if cfg.samples < 1 or cfg.sampling.max_new_tokens < 1 or cfg.batch_size < 1:
         raise UserError("eval: --samples, --max_new_tokens and --batch_size must be at least 1")
 
 
@@ -78,7 +78,7 @@ def bootstrap_ci(outcomes_by_prompt: list[list[float]], seed: int, rounds: int =
 
 def _answers(model, tokenizer, conversations, cfg: EvalConfig, seed: int) -> list[tuple[str, int]]:
     """(text, token count) of `samples` answers per conversation, grouped by conversation."""
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    sampling = cfg.sampling
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(conversations), cfg.batch_size):
@@ -95,7 +95,7 @@ def _answers(model, tokenizer, conversations, cfg: EvalConfig, seed: int) -> lis
 def sequence_kl(policy, baseline, tokenizer, conversations, cfg: EvalConfig) -> float:
     """Mean over policy samples (temperature 1) of sum_t log pi(y_t) - log pi_base(y_t)."""
     device = next(policy.parameters()).device
-    sampling = SamplingConfig(cfg.max_new_tokens, 1.0)
+    sampling = SamplingConfig(cfg.sampling.max_new_tokens, 1.0)
     total, count = 0.0, 0
     for start in range(0, len(conversations), cfg.batch_size):
         chunk = conversations[start : start + cfg.batch_size]

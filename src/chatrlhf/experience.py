@@ -26,32 +26,11 @@ from chatrlhf.forward import (
     trunk_hidden,
     unembed,
 )
-from chatrlhf.generation import Generation, SamplingConfig, generate
+from chatrlhf.generation import Generation, generate
 from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
+from chatrlhf.ppo_models import Models
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
-
-
-@dataclass
-class Models:
-    policy: torch.nn.Module
-    value: torch.nn.Module | None  # None: rloo advantages, or the value head on the policy
-    reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
-    reward: torch.nn.Module | None  # None: a reward function is used
-    reward_bias: float = 0.0
-    # > 0: the policy's first `trunk_layers` layers carry no adapters and the reference is the policy with its
-    # adapters disabled, so their output, which decoding the rollouts computes (`Generation.trunk`), is shared
-    trunk_layers: int = 0
-    # the value and reward models' first `trunk_layers` layers are the policy's weights too: they read the
-    # shared trunk and run only the layers above it
-    value_shares_trunk: bool = False
-    reward_shares_trunk: bool = False
-    # `value_model: policy`: a scalar head on the policy's last hidden state instead of a value model
-    value_head: torch.nn.Module | None = None
-
-    @property
-    def has_critic(self) -> bool:
-        return self.value is not None or self.value_head is not None
 
 
 @dataclass
@@ -85,7 +64,7 @@ class Experience:
 
 
 def rollout(models: Models, prompts: list[list[int]], cfg: PPOConfig, tokenizer, generator) -> Generation:
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_new_tokens)
+    sampling = cfg.sampling
     models.policy.eval()
     # decoding runs the shared trunk anyway: its output comes back with the rollouts (`Generation.trunk`)
     return generate(
@@ -113,20 +92,24 @@ def score_rollouts(
         trunk = trunk_hidden(models.policy, sequences, mask, models.trunk_layers)
     if models.reference is None:
         with models.policy.disable_adapter():
-            ref_logits = response_logits(models.policy, sequences, mask, width, cfg.temperature, trunk)
+            ref_logits = response_logits(
+                models.policy, sequences, mask, width, cfg.sampling.temperature, trunk
+            )
     else:
         # a separate reference shares the trunk only when it is the policy's frozen bottom (`freeze_layers`)
-        ref_logits = response_logits(models.reference, sequences, mask, width, cfg.temperature, trunk)
+        ref_logits = response_logits(
+            models.reference, sequences, mask, width, cfg.sampling.temperature, trunk
+        )
     ref_logprobs = gather_logprobs(ref_logits, gen.response_ids) * gen.response_mask
     del ref_logits
     logprobs = hidden = None
     if recompute or models.value_head is not None:
         hidden = response_hidden(models.policy, sequences, mask, width, trunk)
     if recompute:
-        logits = unembed(models.policy, hidden, cfg.temperature)
+        logits = unembed(models.policy, hidden, cfg.sampling.temperature)
         logprobs = gather_logprobs(logits, gen.response_ids) * gen.response_mask
         del logits
-    if models.value_head is not None:  # value_model: policy
+    if models.value_head is not None:  # value_on_policy
         values = head_values(models.value_head, hidden) * gen.response_mask
     elif models.value is None:  # rloo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)

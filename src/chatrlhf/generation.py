@@ -17,18 +17,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from chatrlhf.configs import SamplingConfig
 from chatrlhf.errors import UserError
 from chatrlhf.forward import cache_keyword, distinct_rows, positions
 from chatrlhf.models import unwrap
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 is greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 is off
-    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
 
 
 @dataclass
@@ -90,8 +82,8 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `probs` (B, V), drawn by inverting the cumulative distribution with one uniform
-    number per row from `generator`. Exact like `torch.multinomial` (which, on a CPU, takes ~10x as long at a
-    large vocabulary), and a token of probability 0 is never drawn. A row with no distribution (its sum NaN,
+    number per row from `generator`. Exact like `torch.multinomial` (which is much slower on a CPU at a large
+    vocabulary), and a token of probability 0 is never drawn. A row with no distribution (its sum NaN,
     infinite or zero: the model's logits were not finite) stops with a UserError."""
     cumulative = probs.cumsum(-1)
     total = cumulative[:, -1:]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from chatrlhf.chat import ensure_pad_token
+from chatrlhf.chat_template import ensure_pad_token
 from chatrlhf.configs import LoraConfig
 from chatrlhf.errors import UserError
 
@@ -134,9 +134,9 @@ def _matmul_gflops(dtype: torch.dtype, rows: int = 512, inner: int = 576, out: i
 def cpu_fastest_dtype() -> torch.dtype:
     """bf16 where this CPU multiplies it at least BF16_MARGIN times faster than fp32, else fp32.
 
-    CPUs differ by far more than their flag names say (seen: AVX2 only, bf16 ~100x slower; AVX-512 with
-    BF16, ~2.6x faster; AMX, ~10x faster), so it is measured: once per CPU model, torch version and
-    thread count, cached in `CHATRLHF_CACHE/dtype_probe.json`, and said once per process.
+    CPUs differ by far more than their flag names say (bf16 can be much slower than fp32, or much faster),
+    so it is measured: once per CPU model, torch version and thread count, cached in
+    `CHATRLHF_CACHE/dtype_probe.json`, and said once per process.
     """
     import json
     import sys
@@ -198,9 +198,8 @@ def own_weights(model):
 
     transformers loads safetensors by mapping the file, so each CPU parameter is a view of the mapping. The
     first optimizer step then takes a copy-on-write page fault for every 4 KiB page it writes, and forwards
-    read through the mapping. Measured at 135M parameters on CPU: the copy takes 0.24 s and the first
-    training step of a reward model drops from ~4.4 s to ~2.8 s (its AdamW step from 1.75 s to 0.42 s).
-    Tied parameters stay tied: each `Parameter` object gets new storage once."""
+    read through the mapping; one copy up front costs far less than those faults. Tied parameters stay
+    tied: each `Parameter` object gets new storage once."""
     with torch.no_grad():
         for param in model.parameters():
             if param.device.type == "cpu":

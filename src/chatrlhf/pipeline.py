@@ -20,12 +20,12 @@ import json
 import shutil
 import time
 from dataclasses import asdict, replace
+from operator import attrgetter
 from pathlib import Path
 
 from rich.console import Console
 
-from chatrlhf.config import save_config
-from chatrlhf.configs import PipelineConfig
+from chatrlhf.configs import PipelineConfig, save_config
 from chatrlhf.errors import UserError
 from chatrlhf.runs import PipelineRun, atomic_write_jsonl, atomic_write_text
 
@@ -98,10 +98,36 @@ def check_config(cfg: PipelineConfig) -> None:
             raise UserError(f"pipeline: --{name}: no such file: {getattr(cfg, name)}")
     if cfg.iterations < 1:
         raise UserError("pipeline: --iterations must be at least 1")
-    if cfg.labeler not in ("auto", "human"):
-        raise UserError(f"pipeline: --labeler must be auto or human, not {cfg.labeler!r}")
+    _check_sections(cfg)
     if cfg.label.noise < 0 or cfg.label.tie_margin < 0:
         raise UserError("pipeline: label.noise and label.tie_margin must be 0 or more")
+
+
+# keys of the stage sections that the pipeline fills in itself: a value given for one would never be read
+FILLED_IN = {
+    "sample": ("prompts", "db", "model", "seed"),
+    "label": ("db",),
+    "sft": ("model", "output_dir", "data.train", "seed", "resume", "overwrite"),
+    "reward": ("model", "output_dir", "data.train", "seed", "resume", "overwrite"),
+    "ppo": (
+        "model", "reference_model", "reward_model", "output_dir", "data.train", "seed", "resume", "overwrite",
+    ),
+    "eval": ("policy", "baseline", "prompts", "output", "seed"),
+}  # fmt: skip
+
+
+def _check_sections(cfg: PipelineConfig) -> None:
+    for section, keys in FILLED_IN.items():
+        given = getattr(cfg, section)
+        default = type(given)()
+        for key in keys:
+            if attrgetter(key)(given) != attrgetter(key)(default):
+                top = {"model": "model", "data.train": "demonstrations/prompts", "seed": "seed"}.get(key)
+                raise UserError(
+                    f"pipeline: `{section}.{key}` is set by the pipeline itself"
+                    + (f" (from its `{top}`)" if top else "")
+                    + "; leave it out of the section"
+                )
 
 
 def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chatrlhf.chat import ROLES
+from chatrlhf.chat_template import ROLES
 from chatrlhf.errors import UserError
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from chatrlhf.chat import sequence_ids
+from chatrlhf.chat_template import sequence_ids
 from chatrlhf.configs import RewardConfig, ScoreConfig
 from chatrlhf.data import load_demonstrations
 from chatrlhf.errors import UserError

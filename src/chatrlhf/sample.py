@@ -17,11 +17,11 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from chatrlhf.chat import prompt_ids
-from chatrlhf.configs import SampleConfig
+from chatrlhf.chat_template import prompt_ids
+from chatrlhf.configs import SampleConfig, SamplingConfig
 from chatrlhf.data import load_prompts
 from chatrlhf.errors import UserError
-from chatrlhf.generation import SamplingConfig, generate
+from chatrlhf.generation import generate
 from chatrlhf.harness import autocast
 from chatrlhf.models import resolve_dtype
 from chatrlhf.records import Conversation, DataError
@@ -30,11 +30,15 @@ from chatrlhf.records import Conversation, DataError
 def check_config(cfg: SampleConfig) -> None:
     if not cfg.prompts:
         raise UserError("sample: say which prompts to answer: --prompts FILE")
-    for name in ("k", "max_new_tokens", "labels_per_task", "batch_prompts", "max_tries"):
+    for name in ("k", "labels_per_task", "batch_prompts", "max_tries"):
         if getattr(cfg, name) < (2 if name == "k" else 1):
             raise UserError(f"sample: --{name} must be at least {2 if name == 'k' else 1}")
-    if cfg.temperature <= 0:
-        raise UserError("sample: --temperature must be above 0: greedy decoding gives K equal answers")
+    if cfg.sampling.max_new_tokens < 1:
+        raise UserError("sample: --sampling.max_new_tokens must be at least 1")
+    if cfg.sampling.temperature <= 0:
+        raise UserError(
+            "sample: --sampling.temperature must be above 0: greedy decoding gives K equal answers"
+        )
 
 
 @dataclass
@@ -87,7 +91,7 @@ def sample_tasks(
     holds the prompt record's other fields, its place, each answer's seed, the sampling settings and `extra`."""
     from chatrlhf.labeling.store import TaskIn
 
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = cfg.sampling
     settings = {"model": model_name, **asdict(sampling), **extra}
     for start in range(0, len(conversations), cfg.batch_prompts):
         chunk = conversations[start : start + cfg.batch_prompts]

@@ -12,9 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-from chatrlhf.chat import prompt_ids
+from chatrlhf.chat_template import prompt_ids
 from chatrlhf.configs import ChatConfig
-from chatrlhf.generation import SamplingConfig
 from chatrlhf.serve.engine import Engine, Request
 
 
@@ -28,7 +27,6 @@ def reply(engine: Engine, tokenizer, messages: list[dict], cfg: ChatConfig, out=
         out.write(delta)
         out.flush()
 
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     ids = prompt_ids(tokenizer, messages, cfg.system)
 
     def on_error(error: Exception) -> None:
@@ -36,7 +34,7 @@ def reply(engine: Engine, tokenizer, messages: list[dict], cfg: ChatConfig, out=
         done.set()
 
     engine.submit(
-        Request(ids, sampling, on_text=on_text, on_done=lambda c, r, t: done.set(), on_error=on_error)
+        Request(ids, cfg.sampling, on_text=on_text, on_done=lambda c, r, t: done.set(), on_error=on_error)
     )
     done.wait()
     out.write("\n")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from chatrlhf.configs import TrainConfig
-from chatrlhf.harness import Harness, TrainState, autocast, make_optimizer
+from chatrlhf.harness import Harness, TrainState, autocast, epoch_order, make_optimizer
 
 
 @dataclass
@@ -50,14 +50,11 @@ def total_steps(cfg: TrainConfig, n_items: int, world: int = 1) -> tuple[int, in
 
 
 def step_items(cfg: TrainConfig, n_items: int, step: int, world: int = 1) -> list[int]:
-    """Indices of the items of optimizer step `step` (0-based), all processes together: a seeded
-    permutation per epoch, the same in every process."""
+    """Indices of the items of optimizer step `step` (0-based), all processes together: `epoch_order`'s
+    seeded permutation per epoch, the same in every process."""
     steps_per_epoch, _ = total_steps(cfg, n_items, world)
     epoch, within = divmod(step, steps_per_epoch)
-    if cfg.data.shuffle:
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    else:
-        order = list(range(n_items))
+    order = epoch_order(cfg.seed, epoch, n_items, cfg.data.shuffle)
     per_step = cfg.batch_size * cfg.grad_accum * world
     return order[within * per_step : (within + 1) * per_step]
 

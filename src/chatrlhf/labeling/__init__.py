@@ -1,2 +1,3 @@
-"""Collecting rankings: the labeling database (`store`), its HTTP API and page (`app`), and the
-`chatrlhf label ...` commands (`commands`)."""
+"""Collecting rankings: the labeling database (`schema` its tables, `store` the operations, `validation` what
+it accepts, `views` what it gives back, `agreement` the maths of labelers agreeing), its HTTP API and page
+(`app`), simulated labelers (`auto`) and the `chatrlhf label ...` commands (`commands`)."""

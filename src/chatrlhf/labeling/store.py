@@ -1,262 +1,56 @@
-"""The labeling database: tasks (a prompt with K answers), labelers, assignments and submitted rankings.
+"""The labeling store: tasks (a prompt with K answers), labelers, assignments and submitted rankings.
 
-SQLAlchemy ORM over a SQLite file (the default) or PostgreSQL (`postgresql://user@host:port/db`). Every query
-uses bound parameters. Assignment hands each task to `labels_per_task` distinct labelers: a labeler holds a
-task under a lease (30 minutes by default) so that concurrent labelers are not handed the same task, gets the
-same task back until they submit or skip it (a reload or a server restart resumes where they were), and is
-never offered a task they skipped. Deciding who gets a task runs one decision at a time (SQLite: writers
-take the lock up front with `BEGIN IMMEDIATE`; PostgreSQL: a transaction-level advisory lock); a submission
-under a live lease needs no such wait, because a unique (task, labeler) constraint makes a double submit
-impossible and the task's label count is incremented in SQL.
+The tables and the connection are `schema`'s; what callers pass in is checked by `validation`, what they get
+back is built by `views`, and labeler agreement is computed by `agreement`. Every query uses bound parameters.
+
+Assignment hands each task to `labels_per_task` distinct labelers: a labeler holds a task under a lease (30
+minutes by default) so that concurrent labelers are not handed the same task, gets the same task back until
+they submit or skip it (a reload or a server restart resumes where they were), and is never offered a task
+they skipped. Deciding who gets a task runs one decision at a time (SQLite: writers take the lock up front
+with `BEGIN IMMEDIATE`; PostgreSQL: a transaction-level advisory lock); a submission under a live lease needs
+no such wait, because a unique (task, labeler) constraint makes a double submit impossible and the task's
+label count is incremented in SQL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import random
-import re
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from itertools import combinations
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    ForeignKey,
-    Index,
-    String,
-    Text,
-    UniqueConstraint,
-    and_,
-    create_engine,
-    event,
-    func,
-    inspect,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, relationship
+from sqlalchemy import and_, func, inspect, or_, select, update
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, aliased
 
 from chatrlhf.errors import UserError
-from chatrlhf.records import DataError, check_messages
+from chatrlhf.labeling.agreement import _agreement_counts, _ratio, aggregate_ranks, pairwise_agreement
+from chatrlhf.labeling.schema import (
+    MAX_NAME,
+    AssignmentRow,
+    Base,
+    LabelerRow,
+    SubmissionRow,
+    TaskRow,
+    _engine,
+    _now,
+    _shown,
+)
+from chatrlhf.labeling.validation import AnswerLabel as AnswerLabel  # re-exported for the store's callers
+from chatrlhf.labeling.validation import Rejected, SubmissionIn, TaskIn, _checked, _task_row
+from chatrlhf.labeling.views import LabelerInfo, TaskView, _record, _submission_view, _view
+from chatrlhf.labeling.views import answer_order as answer_order  # re-exported for the store's callers
 
-FLAGS = ("fails_instruction", "false_information", "harmful", "other")
-SCORE_RANGE = (1, 7)
-MAX_NOTE = 10_000
-MAX_NAME = 100
 # any fixed 64-bit number: the key of PostgreSQL's advisory lock around assignment and submission
 ASSIGN_LOCK_KEY = 0x6C6162656C73
 
 
-# --------------------------------------------------------------------------------------------------
-# the records callers pass in and get back
-
-
-@dataclass
-class TaskIn:
-    prompt: list[dict[str, str]]  # messages ending in a user turn
-    responses: list[str]  # K >= 2 distinct answers
-    meta: dict = field(default_factory=dict)  # free JSON: model, seeds, sampling, extra prompt-record fields
-    labels_per_task: int = 1  # distinct labelers wanted for this task
-
-
-@dataclass
-class LabelerInfo:
-    id: int
-    name: str
-    admin: bool
-
-
-@dataclass
-class AnswerLabel:
-    id: int  # response id, as in TaskView.answers
-    rank: int  # 1 is best; equal ranks tie
-    score: int | None = None  # optional 1..7 quality score
-    flags: list[str] = field(default_factory=list)  # subset of FLAGS
-
-
-@dataclass
-class SubmissionIn:
-    answers: list[AnswerLabel]
-    note: str = ""
-
-
-@dataclass
-class TaskView:
-    task_id: int
-    prompt: list[dict]
-    answers: list[tuple[int, str]]  # (response id, text) in this labeler's own, stable random order
-    meta: dict
-
-
-class Rejected(Exception):
-    """A submission or request the store refuses; `status` is the HTTP status that says why."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-# --------------------------------------------------------------------------------------------------
-# tables
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(
-        tzinfo=None
-    )  # naive UTC: compares alike on SQLite and PostgreSQL
-
-
-class TaskRow(Base):
-    __tablename__ = "tasks"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    prompt: Mapped[list] = mapped_column(JSON)
-    meta: Mapped[dict] = mapped_column(JSON)
-    labels_per_task: Mapped[int]
-    labels: Mapped[int] = mapped_column(default=0)  # submissions so far, kept in the submitting transaction
-    complete: Mapped[bool] = mapped_column(default=False, index=True)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
-    responses: Mapped[list[ResponseRow]] = relationship(order_by="ResponseRow.position", lazy="selectin")
-
-
-class ResponseRow(Base):
-    __tablename__ = "responses"
-    __table_args__ = (UniqueConstraint("task_id", "position"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
-    position: Mapped[int]  # order as stored, which exported ranks follow
-    text: Mapped[str] = mapped_column(Text)
-
-
-class LabelerRow(Base):
-    __tablename__ = "labelers"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(MAX_NAME), unique=True)
-    token_hash: Mapped[str] = mapped_column(
-        String(64), unique=True
-    )  # sha256 hex; the token itself is not kept
-    admin: Mapped[bool] = mapped_column(default=False)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
-
-
-class AssignmentRow(Base):
-    __tablename__ = "assignments"
-    __table_args__ = (
-        UniqueConstraint("task_id", "labeler_id"),
-        Index("ix_assignments_labeler_status", "labeler_id", "status"),
-        Index("ix_assignments_task_status", "task_id", "status"),
-    )
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
-    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
-    status: Mapped[str] = mapped_column(String(10))  # open | submitted | skipped
-    leased_until: Mapped[datetime]
-    created_at: Mapped[datetime] = mapped_column(default=_now)
-
-
-class SubmissionRow(Base):
-    __tablename__ = "submissions"
-    __table_args__ = (UniqueConstraint("task_id", "labeler_id"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
-    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
-    note: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(default=_now)
-    updated_at: Mapped[datetime] = mapped_column(default=_now)
-    ranks: Mapped[list[RankRow]] = relationship(cascade="all, delete-orphan", lazy="selectin")
-
-
-class RankRow(Base):
-    __tablename__ = "ranks"
-    submission_id: Mapped[int] = mapped_column(ForeignKey("submissions.id"), primary_key=True)
-    response_id: Mapped[int] = mapped_column(ForeignKey("responses.id"), primary_key=True)
-    rank: Mapped[int]
-    score: Mapped[int | None]
-    flags: Mapped[list] = mapped_column(JSON)
-
-
-# --------------------------------------------------------------------------------------------------
-# opening the database
-
-
-def database_url(url: str) -> str:
-    """A plain path is a SQLite file; `postgresql://` uses the psycopg 3 driver."""
-    if "://" not in url:
-        return "sqlite:///" + str(Path(url).expanduser().resolve())
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url[len(scheme) :]
-    return url
-
-
-def _engine(url: str) -> Engine:
-    full = database_url(url)
-    try:
-        parsed = make_url(full)
-    except (ArgumentError, ValueError):
-        raise UserError(
-            f"--db {_shown(url)}: not a database URL or path (e.g. labels.db, postgresql://user@host:5432/db)"
-        ) from None
-    if parsed.get_backend_name() != "sqlite":
-        try:
-            return create_engine(full, pool_pre_ping=True)
-        except (NoSuchModuleError, ArgumentError, ImportError) as e:
-            raise UserError(f"--db {_shown(url)}: no database driver for this URL ({e})") from None
-    if not parsed.database or parsed.database == ":memory:":
-        raise UserError(f"--db {url!r}: give a file; an in-memory database would lose every label")
-    try:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--db {url!r}: cannot create the folder for the database: {e.strerror}") from None
-    engine = create_engine(full, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection, _record) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged submission survives a power cut
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn) -> None:
-        # a writer takes the write lock up front, so its reads and writes form one atomic step
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("writer") else "BEGIN")
-
-    return engine
-
-
-def _shown(url: str) -> str:
-    try:
-        return make_url(database_url(url)).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def answer_order(labeler_id: int, task_id: int, response_ids: list[int]) -> list[int]:
-    """The labeler's own shuffle of a task's answers: random, but the same on every visit."""
-    order = list(response_ids)
-    random.Random(f"{task_id}/{labeler_id}").shuffle(order)
-    return order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,35 +393,6 @@ class Store:
 # helpers
 
 
-def _task_row(task: TaskIn, index: int) -> TaskRow:
-    where = f"task {index}"
-    try:
-        prompt = check_messages(task.prompt, where, "prompt", last_role="user")
-    except DataError as e:
-        raise UserError(str(e)) from None
-    responses = task.responses
-    if not isinstance(responses, list) or len(responses) < 2:
-        raise UserError(f"{where}: `responses` needs at least 2 answers")
-    if not all(isinstance(r, str) and r.strip() for r in responses):
-        raise UserError(f"{where}: every response must be non-empty text")
-    if len(set(responses)) != len(responses):
-        raise UserError(f"{where}: the responses must be distinct (a labeler cannot rank two copies)")
-    if not isinstance(task.labels_per_task, int) or task.labels_per_task < 1:
-        raise UserError(f"{where}: `labels_per_task` must be at least 1, got {task.labels_per_task!r}")
-    try:
-        json.dumps(task.meta)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: `meta` must be JSON data: {e}") from None
-    if not isinstance(task.meta, dict):
-        raise UserError(f"{where}: `meta` must be a mapping")
-    return TaskRow(
-        prompt=prompt,
-        meta=task.meta,
-        labels_per_task=task.labels_per_task,
-        responses=[ResponseRow(position=i, text=text) for i, text in enumerate(responses)],
-    )
-
-
 def _held_by_others(labeler_id: int, now: datetime, task_id: Any = TaskRow.id):
     """Count of a task's unexpired open leases held by other labelers (correlated with TaskRow by default)."""
     held = aliased(AssignmentRow)
@@ -651,130 +416,8 @@ def _assignment(session: Session, task_id: int, labeler_id: int) -> AssignmentRo
     )
 
 
-def _view(task: TaskRow, labeler_id: int) -> TaskView:
-    texts = {r.id: r.text for r in task.responses}
-    order = answer_order(labeler_id, task.id, list(texts))
-    return TaskView(task.id, task.prompt, [(i, texts[i]) for i in order], task.meta)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _checked(task: TaskRow, submission: SubmissionIn) -> list[RankRow]:
-    """The submission's rank rows, or Rejected(400) saying what is wrong with it."""
-    ids = [r.id for r in task.responses]
-    k = len(ids)
-    answers = submission.answers
-    if len(answers) != k:
-        raise Rejected(400, f"task {task.id} has {k} answers; the submission ranks {len(answers)}")
-    seen = set()
-    rows = []
-    for a in answers:
-        if a.id not in ids:
-            raise Rejected(400, f"answer {a.id} is not one of task {task.id}'s answers")
-        if a.id in seen:
-            raise Rejected(400, f"answer {a.id} appears twice; rank every answer once")
-        seen.add(a.id)
-        if not _is_int(a.rank) or not 1 <= a.rank <= k:
-            raise Rejected(
-                400, f"answer {a.id}: rank must be an integer from 1 (best) to {k}, got {a.rank!r}"
-            )
-        low, high = SCORE_RANGE
-        if a.score is not None and (not _is_int(a.score) or not low <= a.score <= high):
-            raise Rejected(
-                400, f"answer {a.id}: score must be an integer from {low} to {high}, got {a.score!r}"
-            )
-        if not isinstance(a.flags, (list, tuple)):
-            raise Rejected(400, f"answer {a.id}: flags must be a list, got {a.flags!r}")
-        flags = list(a.flags)
-        unknown = [f for f in flags if f not in FLAGS]
-        if unknown:
-            raise Rejected(400, f"answer {a.id}: unknown flag {unknown[0]!r} (known: {', '.join(FLAGS)})")
-        rows.append(RankRow(response_id=a.id, rank=a.rank, score=a.score, flags=sorted(set(flags))))
-    if not isinstance(submission.note, str) or len(submission.note) > MAX_NOTE:
-        raise Rejected(400, f"the note must be text of at most {MAX_NOTE} characters")
-    return rows
-
-
 def _own_submission(session: Session, labeler_id: int, submission_id: int) -> SubmissionRow:
     row = session.get(SubmissionRow, submission_id)
     if row is None or row.labeler_id != labeler_id:  # another labeler's looks exactly like a missing one
         raise Rejected(404, f"no submission {submission_id} of yours")
     return row
-
-
-def _submission_view(session: Session, row: SubmissionRow) -> dict:
-    task = session.get(TaskRow, row.task_id)
-    texts = {r.id: r.text for r in task.responses}
-    by_response = {r.response_id: r for r in row.ranks}
-    return {
-        "submission_id": row.id,
-        "task_id": row.task_id,
-        "prompt": task.prompt,
-        "answers": [
-            {
-                "id": i,
-                "text": texts[i],
-                "rank": by_response[i].rank,
-                "score": by_response[i].score,
-                "flags": by_response[i].flags,
-            }
-            for i in answer_order(row.labeler_id, task.id, list(texts))
-        ],
-        "note": row.note,
-        "created_at": row.created_at.isoformat() + "Z",
-        "updated_at": row.updated_at.isoformat() + "Z",
-    }
-
-
-def aggregate_ranks(rankings: list[list[int]]) -> list[int]:
-    """Mean rank per response across labelers, re-ranked densely (1 = best mean; equal means tie)."""
-    # every response has the same number of labels, so comparing sums compares means exactly
-    sums = [sum(column) for column in zip(*rankings)]
-    dense = {s: i + 1 for i, s in enumerate(sorted(set(sums)))}
-    return [dense[s] for s in sums]
-
-
-def _record(task: TaskRow, ranks: list[int], labels: int) -> dict | None:
-    if len(set(ranks)) < 2:
-        return None  # all answers tie: no preference to learn
-    return {
-        "prompt": task.prompt,
-        "responses": [r.text for r in task.responses],
-        "ranks": ranks,
-        "task_id": task.id,
-        "labels": labels,
-        "meta": task.meta,
-    }
-
-
-def _sign(x: int) -> int:
-    return (x > 0) - (x < 0)
-
-
-def _agreement_counts(labels: dict[int, dict[int, list[int]]], only: int | None = None) -> tuple[int, int]:
-    """(agreeing, total) relations over labeler pairs and response pairs; `only`: pairs with that labeler."""
-    agree = total = 0
-    for by_labeler in labels.values():
-        for a, b in combinations(sorted(by_labeler), 2):
-            if only is not None and only not in (a, b):
-                continue
-            ra, rb = by_labeler[a], by_labeler[b]
-            for i, j in combinations(range(len(ra)), 2):
-                total += 1
-                agree += _sign(ra[i] - ra[j]) == _sign(rb[i] - rb[j])
-    return agree, total
-
-
-def _ratio(agree: int, total: int) -> float | None:
-    return agree / total if total else None
-
-
-def pairwise_agreement(labels: dict[int, dict[int, list[int]]]) -> float | None:
-    """Fraction of (task, labeler pair, response pair) where both labelers give the same relation.
-
-    labels[task_id][labeler_id] = ranks aligned to the task's stored response order; the relation of responses
-    i < j is "i better", "j better" or "tie". None when no task has two labelers.
-    """
-    return _ratio(*_agreement_counts(labels))

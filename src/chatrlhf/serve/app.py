@@ -23,9 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from chatrlhf.chat import prompt_ids
-from chatrlhf.configs import ServeConfig
-from chatrlhf.generation import SamplingConfig
+from chatrlhf.chat_template import prompt_ids
+from chatrlhf.configs import SamplingConfig, ServeConfig
 from chatrlhf.serve.engine import Engine
 from chatrlhf.serve.engine import Request as EngineRequest
 

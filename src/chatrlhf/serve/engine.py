@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chatrlhf.generation import SamplingConfig, generate
+from chatrlhf.configs import SamplingConfig
+from chatrlhf.generation import generate
 
 log = logging.getLogger("chatrlhf.serve")
 

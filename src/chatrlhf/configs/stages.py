@@ -1,20 +1,25 @@
-"""Every command's configuration, in one place: the YAML schema and the command line of each stage.
-
-A config is a dataclass whose fields are the keys (nested dataclasses are nested mappings); `config.py` reads
-them from YAML and `--dotted.key value` overrides. Only the standard library is imported here, so the pipeline,
-the demo and `chatrlhf --help` import these without loading any stage (or torch).
-
-    shared          DataConfig, LoraConfig, TrainConfig
-    stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig
-    around them     SampleConfig, LabelAutoConfig, EvalConfig, PipelineConfig, DemoConfig
-    serving         ChatConfig, ServeConfig, LabelServeConfig, LabelerAddConfig, LabelExportConfig
-"""
+"""The dataclasses of every command's config: shared sections first, then the stages, then the commands
+around them. Each key is read by the command that accepts it; `tests/test_structure.py` checks that."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatrlhf.config import help_field
+from chatrlhf.configs.choices import (
+    AdvantageEstimator,
+    DemoFormat,
+    Dtype,
+    JudgeName,
+    KLEstimator,
+    Labeler,
+    LogprobsFrom,
+    LossWeighting,
+    LRScheduler,
+    OnInvalid,
+    RankingFormat,
+    ReportSink,
+)
+from chatrlhf.configs.loader import help_field
 
 DB_HELP = "labeling database: a SQLite file (path or sqlite:///x.db) or postgresql://user@host:port/db"
 
@@ -24,19 +29,12 @@ DB_HELP = "labeling database: a SQLite file (path or sqlite:///x.db) or postgres
 
 
 @dataclass
-class DataConfig:
+class PromptData:
+    """The data keys every training stage reads."""
+
     train: str = help_field("", "training data: a .jsonl/.json/.parquet/.txt file or a `datasets` hub name")
-    eval: str = help_field("", "held-out data in the same format (optional)")
-    format: str = help_field(
-        "auto", "record format: auto | messages | prompt_completion | oasst | text (auto looks at the fields)"
-    )
-    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
-    truncation: bool = help_field(
-        False, "cut samples longer than max_length instead of stopping with an error"
-    )
-    packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
-    on_invalid: str = help_field(
-        "stop",
+    on_invalid: OnInvalid = help_field(
+        OnInvalid.stop,
         "a record that fails validation: stop (naming file, line and field) | skip (leave it out, count it, "
         "record why in run.json)",
     )
@@ -44,6 +42,57 @@ class DataConfig:
     system_prompt: str = help_field(
         "", "system turn added to conversations that have none (empty: the chat template's own default)"
     )
+
+
+@dataclass
+class TextData:
+    """Raw text for pretraining: no conversations, so no format, system prompt or truncation."""
+
+    train: str = help_field("", "training text: a .txt file, or JSONL/Parquet with a `text` field")
+    eval: str = help_field("", "held-out text in the same format (optional)")
+    max_length: int = help_field(1024, "tokens per packed row")
+    on_invalid: OnInvalid = help_field(
+        OnInvalid.stop, "a record that fails validation: stop (naming file, line and field) | skip"
+    )
+    shuffle: bool = help_field(True, "shuffle the rows every epoch (seeded)")
+
+
+@dataclass
+class RankingData(PromptData):
+    """Rankings, pairs, HH text or OpenAssistant trees for the reward model."""
+
+    eval: str = help_field("", "held-out data in the same format (optional)")
+    format: RankingFormat = help_field(
+        RankingFormat.auto, "record format (auto looks at the fields: rankings, pairs, HH text; oasst: trees)"
+    )
+    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
+    truncation: bool = help_field(
+        False, "leave out samples longer than max_length instead of stopping with an error"
+    )
+
+
+@dataclass
+class DemoData(PromptData):
+    """Demonstrations for SFT."""
+
+    eval: str = help_field("", "held-out data in the same format (optional)")
+    format: DemoFormat = help_field(DemoFormat.auto, "record format (auto looks at the fields)")
+    max_length: int = help_field(1024, "maximum tokens of one rendered sample")
+    truncation: bool = help_field(
+        False, "cut samples longer than max_length instead of stopping with an error"
+    )
+    packing: bool = help_field(False, "pack several short samples into one row of max_length tokens")
+
+
+@dataclass
+class SamplingConfig:
+    """How answers are drawn: the one sampling block of every command that generates."""
+
+    max_new_tokens: int = help_field(128, "longest answer in tokens")
+    temperature: float = help_field(0.0, "sampling temperature; 0 is greedy")
+    top_p: float = help_field(1.0, "nucleus sampling threshold")
+    top_k: int = help_field(0, "sample among the k most likely tokens; 0 is off")
+    min_new_tokens: int = help_field(0, "EOS is suppressed until an answer has this many tokens")
 
 
 @dataclass
@@ -66,27 +115,25 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    """Keys every training stage shares."""
+    """Keys every training stage reads (pretraining, SFT, the reward model, PPO); each stage adds its own
+    `data` section."""
 
     model: str = help_field(
         "", "hub id or local path of the starting model; empty for the default SmolLM2-135M-Instruct"
     )
-    data: DataConfig = help_field(DataConfig(), "data files")
     output_dir: str = help_field("runs/sft", "where the checkpoint, metrics and plots go")
     max_steps: int = help_field(0, "optimizer steps; 0 means run `epochs` over the data")
     epochs: float = help_field(1.0, "passes over the training data when max_steps is 0")
     batch_size: int = help_field(8, "samples per forward pass (per process)")
-    grad_accum: int = help_field(1, "forward passes accumulated into one optimizer step")
     lr: float = help_field(2e-5, "peak learning rate")
     weight_decay: float = help_field(0.0, "AdamW weight decay")
     warmup_ratio: float = help_field(0.03, "fraction of the steps with linear warmup before the cosine decay")
-    lr_scheduler: str = help_field("cosine", "learning-rate decay after warmup: cosine | linear | constant")
+    lr_scheduler: LRScheduler = help_field(LRScheduler.cosine, "learning-rate decay after warmup")
     min_lr_ratio: float = help_field(0.0, "final learning rate as a fraction of lr (cosine)")
     max_grad_norm: float = help_field(1.0, "gradient clipping norm; 0 turns clipping off")
     seed: int = help_field(1234, "random seed of data order and initialisation")
-    dtype: str = help_field(
-        "auto",
-        "fp32 | bf16 | auto (bf16 on CUDA, and on a CPU where a timed matmul shows it faster than fp32)",
+    dtype: Dtype = help_field(
+        Dtype.auto, "auto: bf16 on CUDA, and on a CPU where a timed matmul shows it faster than fp32"
     )
     lora: LoraConfig = help_field(LoraConfig(), "LoRA adapters (peft); rank 0 is off")
     freeze_layers: int = help_field(
@@ -94,16 +141,21 @@ class TrainConfig:
         "full fine-tuning with the token embeddings and the first N transformer layers frozen (0: none); "
         "backward stops above them, and PPO runs shared frozen layers once per batch",
     )
-    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
     resume: bool = help_field(False, "continue from the last complete checkpoint in output_dir")
     save_every: int = help_field(100, "steps between resumable checkpoints; 0 saves only at the end")
     keep_checkpoints: int = help_field(2, "resumable checkpoints kept on disk")
-    eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
     log_every: int = help_field(1, "steps between metric lines")
-    report_to: list[str] = help_field(
-        [], "extra metric sinks: tensorboard, wandb (metrics.jsonl is always written)"
-    )
+    report_to: list[ReportSink] = help_field([], "extra metric sinks (metrics.jsonl is always written)")
     overwrite: bool = help_field(False, "replace a finished run in output_dir instead of stopping")
+
+
+@dataclass
+class SupervisedConfig(TrainConfig):
+    """Keys of the stages that fit a loss over a dataset (pretraining, SFT, the reward model)."""
+
+    grad_accum: int = help_field(1, "forward passes accumulated into one optimizer step")
+    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
+    eval_every: int = help_field(0, "steps between evaluations on data.eval; 0 evaluates only at the end")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,27 +163,31 @@ class TrainConfig:
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(SupervisedConfig):
     """Supervised fine-tuning on demonstrations: loss on assistant tokens only."""
+
+    data: DemoData = help_field(DemoData(), "demonstrations")
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class PretrainConfig(SupervisedConfig):
     """Causal-LM training on raw text (stage 0), packed into rows of data.max_length."""
 
+    data: TextData = help_field(TextData(), "raw text")
     output_dir: str = help_field("runs/pretrain", "where the checkpoint, metrics and plots go")
     lr: float = help_field(5e-5, "peak learning rate")
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(SupervisedConfig):
     """Reward model from rankings, pairs, Anthropic HH text or OpenAssistant trees."""
 
+    data: RankingData = help_field(RankingData(), "rankings or pairs")
     output_dir: str = help_field("runs/reward", "where the reward model, metrics and plots go")
     batch_size: int = help_field(
         1,
         "prompts (each with all its K answers) per forward pass; 1 gives small data the most optimizer "
-        "steps (measured on real rankings: README)",
+        "steps (measured on real rankings: docs/stages.md)",
     )
     lr: float = help_field(1e-5, "peak learning rate")
     epochs: float = help_field(1.0, "passes over the rankings; more than one overfits (InstructGPT)")
@@ -143,8 +199,8 @@ class RewardConfig(TrainConfig):
         True,
         "pack a prompt and its K answers into one row, so the prompt is forwarded once and nothing is padded",
     )
-    loss_weighting: str = help_field(
-        "prompt",
+    loss_weighting: LossWeighting = help_field(
+        LossWeighting.prompt,
         "prompt: every prompt weighs the same, whatever its K | pair: every comparison weighs the same, a prompt "
         "with K answers C(K,2) times (as TRL weighs pairs)",
     )
@@ -167,12 +223,16 @@ class ScoreConfig:
 class PPOConfig(TrainConfig):
     """PPO against a reward model; `data.train` is the prompts file, `max_steps` counts PPO steps."""
 
+    data: PromptData = help_field(PromptData(), "prompts: {'prompt': str | messages} or {'messages': [...]}")
     output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
     reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
     value_model: str = help_field(
-        "",
-        "value model start; empty: the reward model (InstructGPT) | policy: no value model, a scalar head on "
-        "the policy's last hidden state, trained with it in one backward (about half the update's cost)",
+        "", "checkpoint the separate value model starts from; empty: the reward model (InstructGPT)"
+    )
+    value_on_policy: bool = help_field(
+        False,
+        "no separate value model: a scalar head on the policy's last hidden state, trained with it in one "
+        "backward (about half the update's cost)",
     )
     reference_model: str = help_field(
         "",
@@ -189,21 +249,20 @@ class PPOConfig(TrainConfig):
     samples_per_prompt: int = help_field(
         1, "answers drawn per prompt; a step has batch_size x samples_per_prompt rollouts"
     )
-    advantage_estimator: str = help_field(
-        "gae",
+    advantage_estimator: AdvantageEstimator = help_field(
+        AdvantageEstimator.gae,
         "gae: a value model and GAE (InstructGPT) | rloo: each answer's return minus the mean return of "
         "the other answers to its prompt, no value model (needs samples_per_prompt >= 2)",
     )
     lr: float = help_field(3e-6, "peak learning rate of policy and value")
     warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
-    lr_scheduler: str = help_field("linear", "learning-rate decay: cosine | linear | constant")
+    lr_scheduler: LRScheduler = help_field(LRScheduler.linear, "learning-rate decay")
     save_every: int = help_field(20, "PPO steps between resumable checkpoints; 0 saves only at the end")
     max_prompt_length: int = help_field(512, "longest prompt in tokens; a longer one stops the run")
-    max_new_tokens: int = help_field(64, "longest answer in tokens")
-    temperature: float = help_field(1.0, "sampling temperature, also used when log-probs are recomputed")
-    top_p: float = help_field(1.0, "nucleus sampling")
-    top_k: int = help_field(0, "top-k sampling; 0 is off")
-    min_new_tokens: int = help_field(0, "EOS is suppressed until an answer has this many tokens")
+    sampling: SamplingConfig = help_field(
+        SamplingConfig(max_new_tokens=64, temperature=1.0),
+        "how rollouts are drawn; the temperature also scales the log-probs PPO recomputes",
+    )
     ppo_epochs: int = help_field(4, "passes over each batch of rollouts")
     minibatches: int = help_field(1, "optimizer steps per pass over the rollouts")
     clip_range: float = help_field(0.2, "PPO ratio clip")
@@ -212,9 +271,9 @@ class PPOConfig(TrainConfig):
     gamma: float = help_field(1.0, "discount")
     lam: float = help_field(0.95, "GAE lambda")
     kl_coef: float = help_field(0.02, "beta, the per-token KL penalty weight (InstructGPT 0.02)")
-    kl_estimator: str = help_field("k1", "per-token KL estimator: k1 | k3")
-    logprobs_from: str = help_field(
-        "rollout",
+    kl_estimator: KLEstimator = help_field(KLEstimator.k1, "per-token KL estimator")
+    logprobs_from: LogprobsFrom = help_field(
+        LogprobsFrom.rollout,
         "where the PPO ratio's old log-probs and the KL's policy side come from: rollout (decoding's own, "
         "free) | forward (a forward of the policy over the finished rollouts, the same computation as the "
         "reference's and the update's; under bf16 decoding rounds differently)",
@@ -245,10 +304,9 @@ class SampleConfig:
     k: int = help_field(4, "answers per prompt (K)")
     db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
     model: str = help_field("", "model to sample from; empty for the default SmolLM2-135M-Instruct")
-    max_new_tokens: int = help_field(128, "longest answer in tokens")
-    temperature: float = help_field(1.0, "sampling temperature (InstructGPT samples at 1)")
-    top_p: float = help_field(1.0, "nucleus sampling threshold")
-    top_k: int = help_field(0, "sample among the k most likely tokens; 0 is off")
+    sampling: SamplingConfig = help_field(
+        SamplingConfig(temperature=1.0), "how answers are drawn (InstructGPT samples at temperature 1)"
+    )
     labels_per_task: int = help_field(1, "distinct labelers wanted for each task")
     batch_prompts: int = help_field(8, "prompts per generation batch (each gives K rows)")
     max_tries: int = help_field(4, "rounds of redrawing answers that repeat another")
@@ -259,7 +317,7 @@ class SampleConfig:
 @dataclass
 class LabelAutoConfig:
     db: str = help_field("labels.db", "labeling database: a SQLite file or a postgresql:// URL")
-    judge: str = help_field("rule", "rule | reference | rm | llm")
+    judge: JudgeName = help_field(JudgeName.rule, "the judge that scores answers")
     noise: float = help_field(0.0, "std of the Gaussian noise added to judge scores (0: deterministic)")
     tie_margin: float = help_field(
         0.0, 'answers whose noisy scores are within this of the next better one tie ("equally good")'
@@ -279,17 +337,15 @@ class EvalConfig:
         "", "the starting model before SFT, whose answers are scored too (optional; 'default' for SmolLM2)"
     )
     prompts: str = help_field("", "held-out prompts file (extra fields such as `reference` reach the judge)")
-    judge: str = help_field(
-        "", "rule | reference | rm | llm; empty: rule (in a pipeline: the simulated labeler's `label.judge`)"
+    judge: JudgeName | None = help_field(
+        None, "empty: rule (in a pipeline: the simulated labeler's `label.judge`)"
     )
     judge_model: str = help_field("", "rm: the gold reward model; llm: the model name at the endpoint")
     llm_base_url: str = help_field("", "llm: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     llm_api_key: str = help_field("", "llm: API key (default: $OPENAI_API_KEY)")
     reward_model: str = help_field("", "a reward model whose mean scores are reported too (optional)")
     samples: int = help_field(1, "answers per prompt from each model")
-    max_new_tokens: int = help_field(128, "longest answer in tokens")
-    temperature: float = help_field(0.0, "0 is greedy; above 0 samples")
-    top_p: float = help_field(1.0, "nucleus sampling threshold when sampling")
+    sampling: SamplingConfig = help_field(SamplingConfig(), "how answers are drawn (greedy by default)")
     batch_size: int = help_field(16, "prompts per generation batch")
     seed: int = help_field(0, "random seed (sampling and the bootstrap)")
     output: str = help_field("", "folder for eval.json, eval.md and samples.jsonl; empty only prints")
@@ -304,8 +360,8 @@ class PipelineConfig:
     prompts: str = help_field("", "prompts to sample answers for ranking and to run PPO on")
     eval_prompts: str = help_field("", "held-out prompts for the final evaluation")
     iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
-    labeler: str = help_field(
-        "auto", "auto (a simulated labeler with `label.judge`) | human (the ranking app)"
+    labeler: Labeler = help_field(
+        Labeler.auto, "auto: a simulated labeler with `label.judge` | human: people in the ranking app"
     )
     db: str = help_field("", "labeling database; empty: labels.db in output_dir")
     min_rankings: int = help_field(0, "human labeling: ranked tasks needed to go on; 0: every sampled task")
@@ -347,9 +403,9 @@ class DemoConfig:
 class ChatConfig:
     model: str = help_field("", "checkpoint to chat with; empty for the default model")
     system: str = help_field("", "system prompt (empty: the chat template's default)")
-    temperature: float = help_field(0.7, "sampling temperature; 0 is greedy")
-    top_p: float = help_field(1.0, "nucleus sampling")
-    max_new_tokens: int = help_field(256, "longest answer in tokens")
+    sampling: SamplingConfig = help_field(
+        SamplingConfig(max_new_tokens=256, temperature=0.7), "how answers are drawn"
+    )
 
 
 @dataclass

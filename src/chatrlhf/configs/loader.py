@@ -1,9 +1,9 @@
-"""Stage configuration: dataclasses that are at once the YAML schema and the command line.
+"""Reading a config: YAML files and `--dotted.key value` overrides into the stage's dataclass.
 
 A config file is YAML whose keys mirror the dataclass fields (nested dataclasses are nested mappings);
 any field can be overridden on the command line with its dotted name, e.g. `--max_steps 20` or
-`--data.train demos.jsonl`. Unknown keys and values of the wrong type are errors naming the file,
-line and key.
+`--data.train demos.jsonl`. Unknown keys, values of the wrong type and values outside a key's choices are
+errors naming the file, line, key and the config they are not part of.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from chatrlhf.configs.choices import Choice
 from chatrlhf.errors import UserError
 
 
@@ -65,7 +66,7 @@ def from_dict(
     cls: type, raw: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None
 ) -> Any:
     """Build a (nested) dataclass from a mapping, checking every key and value type."""
-    return _build(cls, raw, prefix="", source=source, lines=lines or {})
+    return _build(cls, raw, prefix="", source=source, lines=lines or {}, base=cls())
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -78,18 +79,32 @@ def save_config(cfg: Any, path: Path) -> None:
     atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
-def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted name, help, default) of every leaf field, for `--help`."""
+def field_help(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) of every leaf field, for `--help`; a closed choice's help lists its
+    values. A nested section shows the defaults its parent gives it (PPO's `sampling.temperature` is 1)."""
     rows = []
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
-        name = prefix + f.name
+        name, default, help = prefix + f.name, getattr(defaults, f.name), f.metadata.get("help", "")
         if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(field_help(hints[f.name], name + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((name, f.metadata.get("help", ""), default))
+            rows.extend(field_help(hints[f.name], name + ".", default))
+            continue
+        choice = _choice_of(hints[f.name])
+        if choice is not None:
+            help = f"{help} ({' | '.join(choice.values())})"
+            default = [str(d) for d in default] if isinstance(default, list) else default
+            default = str(default) if isinstance(default, Choice) else default
+        rows.append((name, help, default))
     return rows
+
+
+def _choice_of(typ: Any) -> type[Choice] | None:
+    """The Choice enum a field's type is, holds (list[...]) or may be (... | None)."""
+    for t in (typ, *typing.get_args(typ)):
+        if isinstance(t, type) and issubclass(t, Choice):
+            return t
+    return None
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -156,7 +171,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int], base: Any = None) -> Any:
+    """`cls` from the mapping `raw`; keys not given keep `base`'s values (a section keeps the defaults its
+    parent gives it: `--sampling.max_new_tokens 6` leaves `sample`'s temperature 1)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if raw in (None, False) or raw == "off":
@@ -170,10 +187,18 @@ def _build(cls: type, raw: Any, prefix: str, source: str, lines: dict[str, int])
         name = prefix + str(key)
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{_where(source, lines, name)}: unknown key `{name}` (known here: {known})")
-        kwargs[key] = _coerce(value, hints[key], name, source, lines)
+            section = f" in `{prefix.rstrip('.')}`" if prefix else ""
+            raise ConfigError(
+                f"{_where(source, lines, name)}: unknown key `{name}`: this command's config has no such key, "
+                f"so it would never read it (known{section}: {known})"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            section = getattr(base, key) if base is not None else None
+            kwargs[key] = _build(hints[key], value, name + ".", source, lines, section)
+        else:
+            kwargs[key] = _coerce(value, hints[key], name, source, lines)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -185,13 +210,21 @@ def _coerce(value: Any, typ: Any, name: str, source: str, lines: dict[str, int])
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], name, source, lines)
+        return None if value in (None, "") else _coerce(value, args[0], name, source, lines)
     if origin is list:
         (item,) = typing.get_args(typ)
         if value is None:
             return []
         items = value if isinstance(value, list) else [value]  # `--key "[a, b]"` gives a list too
         return [_coerce(v, item, name, source, lines) for v in items]
+    if isinstance(typ, type) and issubclass(typ, Choice):
+        if (
+            isinstance(value, (str, int, float))
+            and not isinstance(value, bool)
+            and str(value) in typ.values()
+        ):
+            return typ(str(value))
+        raise ConfigError(f"{where}: `{name}` must be one of {' | '.join(typ.values())}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -1,0 +1,100 @@
+"""Every command's configuration: the YAML schema and the command line of each stage.
+
+A config is a dataclass whose fields are the keys (nested dataclasses are nested mappings); `loader` reads them
+from YAML and `--dotted.key value` overrides, `choices` holds the closed choices as enums, `stages` the
+dataclasses. Only the standard library and PyYAML are imported here, so the pipeline, the demo and
+`chatrlhf --help` import these without loading any stage (or torch).
+
+    shared          PromptData, TextData, RankingData, DemoData, SamplingConfig, LoraConfig, TrainConfig,
+                    SupervisedConfig
+    stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig
+    around them     SampleConfig, LabelAutoConfig, EvalConfig, PipelineConfig, DemoConfig
+    serving         ChatConfig, ServeConfig, LabelServeConfig, LabelerAddConfig, LabelExportConfig
+"""
+
+from chatrlhf.configs.choices import (
+    AdvantageEstimator,
+    Choice,
+    DemoFormat,
+    Dtype,
+    JudgeName,
+    KLEstimator,
+    Labeler,
+    LogprobsFrom,
+    LossWeighting,
+    LRScheduler,
+    OnInvalid,
+    RankingFormat,
+    ReportSink,
+)
+from chatrlhf.configs.loader import ConfigError, field_help, from_dict, load_config, save_config, to_dict
+from chatrlhf.configs.stages import (
+    ChatConfig,
+    DemoConfig,
+    DemoData,
+    EvalConfig,
+    LabelAutoConfig,
+    LabelerAddConfig,
+    LabelExportConfig,
+    LabelServeConfig,
+    LoraConfig,
+    PipelineConfig,
+    PPOConfig,
+    PretrainConfig,
+    PromptData,
+    RankingData,
+    RewardConfig,
+    SampleConfig,
+    SamplingConfig,
+    ScoreConfig,
+    ServeConfig,
+    SFTConfig,
+    SupervisedConfig,
+    TextData,
+    TrainConfig,
+)
+
+__all__ = [
+    "AdvantageEstimator",
+    "ChatConfig",
+    "Choice",
+    "ConfigError",
+    "DemoConfig",
+    "DemoData",
+    "DemoFormat",
+    "Dtype",
+    "EvalConfig",
+    "JudgeName",
+    "KLEstimator",
+    "LRScheduler",
+    "LabelAutoConfig",
+    "LabelExportConfig",
+    "LabelServeConfig",
+    "Labeler",
+    "LabelerAddConfig",
+    "LogprobsFrom",
+    "LoraConfig",
+    "LossWeighting",
+    "OnInvalid",
+    "PPOConfig",
+    "PipelineConfig",
+    "PretrainConfig",
+    "PromptData",
+    "RankingData",
+    "RankingFormat",
+    "ReportSink",
+    "RewardConfig",
+    "SFTConfig",
+    "SampleConfig",
+    "SamplingConfig",
+    "ScoreConfig",
+    "ServeConfig",
+    "SupervisedConfig",
+    "TextData",
+    "TrainConfig",
+    "field_help",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
