@@ -60,6 +60,8 @@ def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
     sampling = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k") if k in kw}
     if kw.get("value_model") == "policy":  # the value head on the policy, no value model
         kw.update(value_model="", value_on_policy=True)
+    if kw.get("advantage_estimator") == "rloo":  # no value model to start
+        kw.setdefault("value_model", "")
     base.update(kw)
     return PPOConfig(**base, sampling=SamplingConfig(**{"max_new_tokens": 8, "temperature": 1.0, **sampling}))
 

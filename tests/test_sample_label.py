@@ -140,4 +140,7 @@ def test_sample_refuses_bad_input_before_writing(tiny_model, tmp_path):
     result = chatrlhf("sample", "--prompts", bad, "--db", str(db), "--k", "1")
     assert result.returncode == 2 and "--k must be at least 2" in result.stderr
     result = chatrlhf("label", "auto", "--db", str(tmp_path / "x.db"), "--judge", "magic")
-    assert result.returncode == 2 and "unknown judge 'magic'" in result.stderr
+    assert (
+        result.returncode == 2
+        and "`judge` must be one of rule | reference | rm | llm, got 'magic'" in result.stderr
+    )

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from chatrlhf.configs import TrainConfig, to_dict
+from chatrlhf.configs import SupervisedConfig, TrainConfig, to_dict
 from chatrlhf.errors import UserError
 from chatrlhf.models import resolve_dtype
 from chatrlhf.runs import MetricsLog, RunDir, plot_metrics
@@ -43,9 +43,10 @@ def check_config(cfg: TrainConfig) -> None:
     """The settings every training stage shares, checked before anything is read or written."""
     if not cfg.data.train:
         raise UserError("data.train: no training data named")
-    for key in ("batch_size", "grad_accum"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}: must be at least 1")
+    if cfg.batch_size < 1:
+        raise UserError("batch_size: must be at least 1")
+    if isinstance(cfg, SupervisedConfig) and cfg.grad_accum < 1:
+        raise UserError("grad_accum: must be at least 1")
     if cfg.lr <= 0:
         raise UserError("lr: must be positive")
     if cfg.lr_scheduler not in SCHEDULERS:
