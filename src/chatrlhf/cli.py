@@ -112,6 +112,18 @@ COMMANDS = {
 }
 
 
+# `chatrlhf eval --benchmark NAME` runs a public benchmark instead of the judge's side-by-side: its own config
+BENCHMARKS = {
+    "ifeval": Command(
+        "chatrlhf.ifeval.benchmark",
+        "IFEvalConfig",
+        "run",
+        "IFEval's prompts answered by a model, scored by lm-eval's checkers; greedy, at most "
+        "sampling.max_new_tokens (512; lm-eval's own max_gen_toks is 1280)",
+    ),
+}
+
+
 GROUP_HELP = {
     "label": "ranking: the labeling web app, labeler tokens, simulated labelers, export",
     "label labeler": "labelers of the ranking app",
@@ -136,7 +148,37 @@ def named_command(argv: list[str]) -> str | None:
     return " ".join(words) if " ".join(words) in COMMANDS else None
 
 
-def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
+def benchmark_named(argv: list[str]) -> str | None:
+    """The benchmark an `eval` command line names with `--benchmark NAME` or in its --config file, if any."""
+    for k, word in enumerate(argv):
+        if word == "--benchmark" and k + 1 < len(argv):
+            return argv[k + 1]
+        if word.startswith("--benchmark="):
+            return word.split("=", 1)[1]
+    for k, word in enumerate(argv[:-1]):
+        if word == "--config":
+            try:
+                import yaml
+
+                with open(argv[k + 1], encoding="utf-8") as f:
+                    data = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                return None  # the config loader reports the file's problem
+            return data.get("benchmark") if isinstance(data, dict) else None
+    return None
+
+
+def _command(name: str, argv: list[str]) -> Command:
+    """The command `name` runs: for `eval` with a benchmark, that benchmark's."""
+    benchmark = benchmark_named(argv) if name == "eval" else None
+    if benchmark is None:
+        return COMMANDS[name]
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"--benchmark: {benchmark!r} is not one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[benchmark]
+
+
+def build_parser(detailed: str | None = None, argv: list[str] | None = None) -> argparse.ArgumentParser:
     """One argparse sub-parser per command word; `label serve` is `label` then `serve`. The `detailed`
     command's help lists its config keys."""
     parser = argparse.ArgumentParser(prog="chatrlhf", description="Train a chat model the InstructGPT way.")
@@ -153,11 +195,12 @@ def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
                 groups[words[:depth]] = group.add_subparsers(
                     dest=f"command{depth}", metavar="COMMAND", required=True
                 )
+        shown = _command(name, argv or []) if name == detailed else command  # `eval --benchmark X`: X's own
         p = groups[words[:-1]].add_parser(
             words[-1],
             help=command.help,
-            description=command.help,
-            epilog=_epilog(command.config_class()) if name == detailed else None,
+            description=shown.help,
+            epilog=_epilog(shown.config_class()) if name == detailed else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", help="YAML config file")
@@ -167,9 +210,13 @@ def build_parser(detailed: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(named_command(argv))
-    args, overrides = parser.parse_known_args(argv)
-    command = COMMANDS[args.command]
+    try:
+        parser = build_parser(named_command(argv), argv)
+        args, overrides = parser.parse_known_args(argv)
+        command = _command(args.command, argv)
+    except UserError as e:
+        print(f"chatrlhf: error: {e}", file=sys.stderr)
+        sys.exit(2)
     config, entry = command.load()
     if "transformers" in sys.modules:  # loaded by the stage: its per-file "Loading weights" bars drown ours
         from transformers.utils import logging as hf_logging

@@ -1,19 +1,20 @@
 """Every command's configuration: the YAML schema and the command line of each stage.
 
 A config is a dataclass whose fields are the keys (nested dataclasses are nested mappings); `loader` reads them
-from YAML and `--dotted.key value` overrides, `choices` holds the closed choices as enums, `stages` the
-dataclasses. Only the standard library and PyYAML are imported here, so the pipeline, the demo and
+from YAML and `--dotted.key value` overrides, `choices` holds the closed choices as enums, `stages` and
+`serving` the dataclasses. Only the standard library and PyYAML are imported here, so the pipeline, the demo and
 `chatrlhf --help` import these without loading any stage (or torch).
 
     shared          PromptData, TextData, RankingData, DemoData, SamplingConfig, LoraConfig, TrainConfig,
                     SupervisedConfig
     stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig
-    around them     SampleConfig, LabelAutoConfig, EvalConfig, PipelineConfig, DemoConfig
+    around them     SampleConfig, LabelAutoConfig, EvalConfig, IFEvalConfig, PipelineConfig, DemoConfig
     serving         ChatConfig, ServeConfig, LabelServeConfig, LabelerAddConfig, LabelExportConfig
 """
 
 from chatrlhf.configs.choices import (
     AdvantageEstimator,
+    Benchmark,
     Choice,
     DemoFormat,
     Dtype,
@@ -28,15 +29,19 @@ from chatrlhf.configs.choices import (
     ReportSink,
 )
 from chatrlhf.configs.loader import ConfigError, field_help, from_dict, load_config, save_config, to_dict
-from chatrlhf.configs.stages import (
+from chatrlhf.configs.serving import (
     ChatConfig,
-    DemoConfig,
-    DemoData,
-    EvalConfig,
-    LabelAutoConfig,
     LabelerAddConfig,
     LabelExportConfig,
     LabelServeConfig,
+    ServeConfig,
+)
+from chatrlhf.configs.stages import (
+    DemoConfig,
+    DemoData,
+    EvalConfig,
+    IFEvalConfig,
+    LabelAutoConfig,
     LoraConfig,
     PipelineConfig,
     PPOConfig,
@@ -47,7 +52,6 @@ from chatrlhf.configs.stages import (
     SampleConfig,
     SamplingConfig,
     ScoreConfig,
-    ServeConfig,
     SFTConfig,
     SupervisedConfig,
     TextData,
@@ -56,6 +60,7 @@ from chatrlhf.configs.stages import (
 
 __all__ = [
     "AdvantageEstimator",
+    "Benchmark",
     "ChatConfig",
     "Choice",
     "ConfigError",
@@ -64,6 +69,7 @@ __all__ = [
     "DemoFormat",
     "Dtype",
     "EvalConfig",
+    "IFEvalConfig",
     "JudgeName",
     "KLEstimator",
     "LRScheduler",

@@ -82,6 +82,10 @@ class JudgeName(Choice):
     llm = "llm"
 
 
+class Benchmark(Choice):
+    ifeval = "ifeval"
+
+
 class Labeler(Choice):
     auto = "auto"
     human = "human"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from chatrlhf.configs.choices import (
     AdvantageEstimator,
+    Benchmark,
     DemoFormat,
     Dtype,
     JudgeName,
@@ -353,6 +354,30 @@ class EvalConfig:
 
 
 @dataclass
+class IFEvalConfig:
+    """`chatrlhf eval --benchmark ifeval`: IFEval's prompts answered by a model, scored by lm-eval's checkers."""
+
+    benchmark: Benchmark = help_field(Benchmark.ifeval, "the public benchmark")
+    policy: str = help_field(
+        "", "the model answering (a checkpoint folder or hub id); empty: the default model"
+    )
+    baseline: str = help_field("", "a second model answering the same prompts, for the paired difference")
+    prompts: str = help_field(
+        "google/IFEval", "IFEval-format records (prompt, instruction_id_list, kwargs): a file or hub dataset"
+    )
+    limit: int = help_field(0, "answer a seeded sample of this many prompts; 0: every prompt")
+    sampling: SamplingConfig = help_field(
+        SamplingConfig(max_new_tokens=512),
+        "greedy as lm-eval decodes; max_new_tokens 512 here, lm-eval's own max_gen_toks is 1280",
+    )
+    batch_size: int = help_field(16, "prompts per generation batch")
+    dtype: Dtype = help_field(Dtype.auto, "generation dtype; auto: the faster of bf16 and fp32 as measured")
+    seed: int = help_field(0, "seed of the sample (`limit`) and the bootstrap")
+    output: str = help_field("", "folder for ifeval.json, ifeval.md and answers.jsonl; empty only prints")
+    show: int = help_field(4, "answers shown in the printed and written report")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = help_field("runs/pipeline", "where every stage, the labeling DB and report.md go")
     model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
@@ -393,53 +418,3 @@ class DemoConfig:
     max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
-
-
-# --------------------------------------------------------------------------------------------------
-# chat, serving and the ranking app
-
-
-@dataclass
-class ChatConfig:
-    model: str = help_field("", "checkpoint to chat with; empty for the default model")
-    system: str = help_field("", "system prompt (empty: the chat template's default)")
-    sampling: SamplingConfig = help_field(
-        SamplingConfig(max_new_tokens=256, temperature=0.7), "how answers are drawn"
-    )
-
-
-@dataclass
-class ServeConfig:
-    model: str = help_field("", "checkpoint to serve (path or hub id); empty for the default model")
-    host: str = help_field("127.0.0.1", "address to listen on")
-    port: int = help_field(8000, "port to listen on")
-    api_key: str = help_field("", "require `Authorization: Bearer KEY` on /v1 routes; empty: no key")
-    served_name: str = help_field("", "model id clients use; empty: the checkpoint folder's name")
-    max_batch: int = help_field(8, "most answers generated together")
-    max_tokens: int = help_field(1024, "largest max_tokens a request may ask for")
-    max_prompt_tokens: int = help_field(4096, "longest prompt accepted")
-    system_prompt: str = help_field("", "system turn for conversations that have none")
-
-
-@dataclass
-class LabelServeConfig:
-    db: str = help_field("labels.db", DB_HELP)
-    host: str = help_field("127.0.0.1", "address to listen on (0.0.0.0 for labelers on other machines)")
-    port: int = help_field(8100, "port to listen on")
-
-
-@dataclass
-class LabelerAddConfig:
-    name: str = help_field("", "the new labeler's name (unique)")
-    db: str = help_field("labels.db", DB_HELP)
-    admin: bool = help_field(False, "may see progress and agreement, add labelers and export")
-
-
-@dataclass
-class LabelExportConfig:
-    db: str = help_field("labels.db", DB_HELP)
-    out: str = help_field("rankings.jsonl", "JSONL file to write, in the reward stage's rankings format")
-    per_labeler: bool = help_field(
-        False, "one record per submission instead of ranks aggregated across labelers"
-    )
-    min_labels: int = help_field(1, "leave out tasks ranked by fewer labelers than this")
