@@ -225,3 +225,65 @@ def test_rows_sharing_a_prompt_run_it_once_in_training_forwards_with_the_same_nu
     )
     for i, grad in enumerate(together["grads"]):
         torch.testing.assert_close(grad, sum(a["grads"][i] for a in alone), rtol=1e-4, atol=1e-6)
+
+
+def _continuous_model(tokenizer, prompts):
+    """A tiny llama whose greedy answers to `prompts` end at different lengths: EOS takes the place of a
+    token its answers choose now and then."""
+    from collections import Counter
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.generation import generate
+
+    torch.manual_seed(11)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+        answers = generate(model, prompts, SamplingConfig(max_new_tokens=24), eos, pad).token_lists(eos)
+        counts = Counter(t for a in answers for t in set(a))
+        # a token some answers choose and others do not: those answers end there, at different steps
+        token = min(counts, key=lambda t: abs(counts[t] - len(prompts) / 2))
+        model.lm_head.weight[eos] = model.lm_head.weight[token] * 1.05
+    return model
+
+
+PROMPT_LENGTHS = [3, 17, 5, 40, 8, 2, 25, 11, 6]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_continuous_batching_answers_each_prompt_as_alone(tokenizer, slots):
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.generation import generate, generate_each
+
+    rng = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(300, 2000, (n,), generator=rng).tolist() for n in PROMPT_LENGTHS]
+    model = _continuous_model(tokenizer, prompts)
+    sampling = SamplingConfig(max_new_tokens=24, min_new_tokens=2)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    each = generate_each(model, prompts, sampling, eos, pad, slots=slots)
+    alone = [generate(model, [p], sampling, eos, pad) for p in prompts]
+    for cont, gen in zip(each, alone):
+        assert cont.ids == gen.token_lists(eos)[0]
+        assert cont.finished == bool(gen.finished[0])
+    lengths = {len(c.ids) for c in each}
+    assert len(lengths) > 2 and max(lengths) == 24 and min(lengths) >= 2  # rows did end at different times
+    assert any(c.finished for c in each) and not all(c.finished for c in each)
+
+
+def test_continuous_batching_reports_each_answer_as_it_ends(tokenizer):
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.generation import generate_each
+
+    prompts = [[400 + i, 500 + i, 600] for i in range(7)]
+    model = _continuous_model(tokenizer, prompts)
+    heard = []
+    each = generate_each(model, prompts, SamplingConfig(max_new_tokens=10), tokenizer.eos_token_id,
+                         tokenizer.pad_token_id, slots=2, on_done=lambda i, c: heard.append((i, c)))  # fmt: skip
+    assert sorted(i for i, _ in heard) == list(range(7))
+    assert all(each[i] is c for i, c in heard)

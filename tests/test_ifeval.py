@@ -250,3 +250,48 @@ def test_a_model_against_itself_differs_by_nothing(tmp_path, tiny_model):
     assert all(v == 0 for v in figures["difference"].values())
     assert all(tuple(ci) == (0, 0) for ci in figures["difference_ci"].values())
     assert Path(tmp_path / "out" / "answers.jsonl").exists()
+
+
+# the rule judge on IFEval-format records a user brings
+
+TWO = {
+    "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+    "kwargs": [{}, {"keywords": ["tea"]}],
+}
+ASK = [{"role": "user", "content": "Write about tea, with no commas."}]
+
+
+def test_the_rule_judge_gives_part_credit_by_the_share_of_instructions_met():
+    from chatrlhf.judges import RuleJudge, constraints_of, satisfies_all
+
+    answers = ["I drink tea every day", "I drink coffee every day", "Tea, hot and sweet", "Coffee, black"]
+    assert RuleJudge().scores(ASK, answers, TWO) == [1.0, 0.5, 0.5, 0.0]
+    assert [satisfies_all(ASK, a, TWO) for a in answers] == [True, False, False, False]
+    described = [c.describe() for c in constraints_of(ASK, TWO)]
+    assert described == ["punctuation:no_comma", "keywords:existence (keywords=['tea'])"]
+
+
+def test_simulated_labelers_rank_ifeval_records_by_the_checkers(tmp_path):
+    from chatrlhf.judges import RuleJudge
+    from chatrlhf.labeling.auto import label
+    from chatrlhf.labeling.store import Store, TaskIn
+
+    store = Store(str(tmp_path / "labels.db"))
+    answers = ["Coffee, black", "I drink tea every day", "I drink coffee every day"]
+    store.add_tasks([TaskIn(ASK, answers, TWO, labels_per_task=1)])
+    label(store, RuleJudge(), noise=0.0, labelers=1)
+    (record,) = store.rankings()
+    assert record["ranks"] == [3, 1, 2]  # none met, both met, one met
+
+
+def test_prompt_files_with_ifeval_fields_are_checked_when_read(tmp_path):
+    from chatrlhf.data import load_prompts
+
+    good = {"prompt": "Write about tea, with no commas.", **TWO}
+    (conv,) = load_prompts(write_jsonl(tmp_path / "good.jsonl", [good]))
+    assert conv.extra["instruction_id_list"] == TWO["instruction_id_list"]
+    bad = {**good, "kwargs": [{}, {"keyword": ["tea"]}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, bad])
+    with pytest.raises(DataError) as e:
+        load_prompts(path)
+    assert str(e.value).startswith(f"{path}:2: field 'kwargs[1]' (keywords:existence): missing keywords")

@@ -13,6 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatrlhf.ifeval.checkers import InstructionConstraint
 
 BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S")
 # fmt: off
@@ -277,9 +281,14 @@ def parse_constraints(text: str) -> list[Constraint]:
     return _reconcile([c for _, _, reading in _phrases(text.lower()) for c in reading])
 
 
-def constraints_of(prompt: list[dict], meta: dict) -> list[Constraint]:
-    """A record's explicit `constraints` ([{"kind", "value"}]) or else those its last user turn states, plus
-    "about" its `topic` when the record names one."""
+def constraints_of(prompt: list[dict], meta: dict) -> list[Constraint | InstructionConstraint]:
+    """A record's IFEval instructions (`instruction_id_list` + `kwargs`, checked by lm-eval's checkers), or its
+    explicit `constraints` ([{"kind", "value"}]), or else those its last user turn states, plus "about" its
+    `topic` when the record names one."""
+    if meta.get("instruction_id_list"):
+        from chatrlhf.ifeval.checkers import instruction_constraints
+
+        return instruction_constraints(prompt[-1]["content"], meta)
     listed = meta.get("constraints")
     if listed:
         found = [Constraint(c["kind"], c.get("value", 0)) for c in listed]

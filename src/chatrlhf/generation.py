@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from chatrlhf.configs import SamplingConfig
 from chatrlhf.errors import UserError
 from chatrlhf.forward import cache_keyword, distinct_rows, positions
+from chatrlhf.kv_cache import RoomyCache
 from chatrlhf.models import unwrap
 
 
@@ -136,7 +136,7 @@ def _generate(
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    cache = {cache_argument(model): DynamicCache()}
+    cache = {cache_argument(model): RoomyCache()}
     step_logits = _prefill(model, prompts, ids, mask, cache, share_prefill, seen)
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
@@ -146,20 +146,11 @@ def _generate(
     tokens, logprobs, alive = [], [], torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for _ in range(sampling.max_new_tokens):
-        logits = step_logits.float() / (sampling.temperature or 1.0)
-        # log-probs of the model's own distribution, as PPO's training forward recomputes them
-        logp = torch.log_softmax(logits, dim=-1)
-        if len(tokens) < sampling.min_new_tokens:
-            logits[:, eos_id] = float("-inf")
-        if sampling.temperature > 0:
-            probs = _filter(logits, sampling.top_k, sampling.top_p).softmax(-1)
-            chosen = sample_tokens(probs, generator)
-        else:
-            chosen = logits.argmax(-1)
-        token = torch.full((batch,), pad_id, dtype=chosen.dtype, device=device).index_put_((active,), chosen)
-        logprob = torch.zeros(batch, device=device).index_put_(
-            (active,), logp.gather(1, chosen[:, None])[:, 0]
+        chosen, chosen_logp = _choose(
+            step_logits, sampling, generator, eos_id, len(tokens) < sampling.min_new_tokens
         )
+        token = torch.full((batch,), pad_id, dtype=chosen.dtype, device=device).index_put_((active,), chosen)
+        logprob = torch.zeros(batch, device=device).index_put_((active,), chosen_logp)
         tokens.append(token)
         logprobs.append(logprob)
         was_alive = alive
@@ -198,6 +189,126 @@ def _generate(
     logprobs = torch.stack(logprobs, 1) * response_mask
     trunk = seen.trunk(batch, response.shape[1])
     return Generation(ids, mask, response, response_mask, logprobs, ~alive, trunk)
+
+
+@dataclass
+class Continuation:
+    ids: list[int]  # the response's ids, without the final EOS
+    finished: bool  # it ended with EOS (else it reached max_new_tokens)
+
+
+@torch.no_grad()
+def generate_each(
+    model,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    slots: int,
+    generator: torch.Generator | None = None,
+    on_done: Callable[[int, Continuation], None] | None = None,
+) -> list[Continuation]:
+    """Continue every prompt as `generate` does, at most `slots` rows at a time, with continuous batching:
+    a row that ends leaves, and waiting prompts are prefilled into the free slots, so the batch stays full
+    instead of decoding on with fewer and fewer rows behind its longest answer. For queues of prompts whose
+    answers differ in length (evaluation, IFEval). `on_done(index, continuation)` hears each as it ends."""
+    device = next(model.parameters()).device
+    key = cache_argument(model)
+    waiting = list(range(len(prompts)))[::-1]
+    done: list[Continuation | None] = [None] * len(prompts)
+    live: list[int] = []  # the prompt of each row
+    answers: list[list[int]] = []
+    state = None  # (cache, attention (B, W), next_pos (B, 1), step_logits (B, V)) of the live rows
+    refill = max(1, slots // 8)  # a prefill is a forward of its own: admit prompts a few at a time
+    while waiting or live:
+        free = slots - len(live)
+        if waiting and (free >= refill or len(waiting) <= free or not live):
+            new = [waiting.pop() for _ in range(min(free, len(waiting)))]
+            state = _admit(model, key, [prompts[i] for i in new], pad_id, device, state)
+            live, answers = live + new, answers + [[] for _ in new]
+        cache, attention, next_pos, step_logits = state
+        short = torch.tensor([len(a) < sampling.min_new_tokens for a in answers], device=device)
+        chosen, _ = _choose(step_logits, sampling, generator, eos_id, short)
+        keep = []
+        for row, token in enumerate(chosen.tolist()):
+            if token != eos_id:
+                answers[row].append(token)
+            if token == eos_id or len(answers[row]) == sampling.max_new_tokens:
+                done[live[row]] = Continuation(answers[row], token == eos_id)
+                if on_done is not None:
+                    on_done(live[row], done[live[row]])
+            else:
+                keep.append(row)
+        live, answers = [live[r] for r in keep], [answers[r] for r in keep]
+        if not live:
+            state = None
+            continue
+        if len(keep) < len(chosen):
+            kept = torch.tensor(keep, device=device)
+            cache[key].batch_select_indices(kept)
+            chosen, attention, next_pos = chosen[kept], attention[kept], next_pos[kept]
+        attention = _trim(cache[key], torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1))
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=attention,
+            position_ids=next_pos,
+            use_cache=True,
+            **cache,
+        )
+        state = (cache, attention, next_pos + 1, out.logits[:, -1, :])
+    return done
+
+
+def _admit(model, key: str, prompts, pad_id: int, device, state):
+    """Prefill `prompts` and add them to the live rows' `state`: the narrower of the two KV caches and masks
+    is padded on the left (masked out) to the other's width, then the rows are stacked."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    cache = {key: RoomyCache()}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                logits_to_keep=1, **cache)  # fmt: skip
+    new = (cache, mask, positions(mask)[:, -1:] + 1, out.logits[:, -1, :])
+    if state is None:
+        return new
+    old_cache, old_mask = state[0][key], state[1]
+    width = max(old_mask.shape[1], mask.shape[1])
+    for old_layer, new_layer in zip(old_cache.layers, cache[key].layers):
+        for name in ("keys", "values"):
+            a, b = getattr(old_layer, name), getattr(new_layer, name)
+            a = torch.nn.functional.pad(a, (0, 0, width - a.shape[-2], 0))
+            b = torch.nn.functional.pad(b, (0, 0, width - b.shape[-2], 0))
+            setattr(old_layer, name, torch.cat([a, b]))
+    masks = [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (old_mask, mask)]
+    return (state[0], torch.cat(masks), torch.cat([state[2], new[2]]), torch.cat([state[3], new[3]]))
+
+
+def _trim(cache, attention: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns no row attends to (left padding that a long row's leaving freed) from the
+    KV cache; returns the mask without them."""
+    lead = int(attention.any(0).long().argmax())
+    if lead == 0:
+        return attention
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+    return attention[:, lead:]
+
+
+def _choose(
+    step_logits, sampling: SamplingConfig, generator, eos_id: int, block_eos
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token from its logits (B, V) and the token's log-prob under the temperature-scaled
+    distribution (before top-k/top-p, as PPO's training forward recomputes it). EOS is never chosen where
+    `block_eos` (a bool for every row, or a (B,) mask) holds: `min_new_tokens` is not reached yet."""
+    logits = step_logits.float() / (sampling.temperature or 1.0)
+    logp = torch.log_softmax(logits, dim=-1)
+    if isinstance(block_eos, torch.Tensor):
+        logits[block_eos, eos_id] = float("-inf")
+    elif block_eos:
+        logits[:, eos_id] = float("-inf")
+    if sampling.temperature > 0:
+        chosen = sample_tokens(_filter(logits, sampling.top_k, sampling.top_p).softmax(-1), generator)
+    else:
+        chosen = logits.argmax(-1)
+    return chosen, logp.gather(1, chosen[:, None])[:, 0]
 
 
 def _prefill(model, prompts, ids, mask, cache: dict, share: bool, seen: _LayerInput) -> torch.Tensor:

@@ -370,7 +370,9 @@ class IFEvalConfig:
         SamplingConfig(max_new_tokens=512),
         "greedy as lm-eval decodes; max_new_tokens 512 here, lm-eval's own max_gen_toks is 1280",
     )
-    batch_size: int = help_field(16, "prompts per generation batch")
+    batch_size: int = help_field(
+        64, "rows decoding at once (continuous batching: an ended row takes the next prompt)"
+    )
     dtype: Dtype = help_field(Dtype.auto, "generation dtype; auto: the faster of bf16 and fp32 as measured")
     seed: int = help_field(0, "seed of the sample (`limit`) and the bootstrap")
     output: str = help_field("", "folder for ifeval.json, ifeval.md and answers.jsonl; empty only prints")

@@ -131,33 +131,32 @@ def paired(items: list[IFEvalItem], policy: dict[str, list], baseline: dict[str,
     return means, intervals, by_type
 
 
-@torch.no_grad()
 def answer(
     model, tokenizer, items: list[IFEvalItem], cfg: IFEvalConfig, console: Console
 ) -> list[tuple[str, int]]:
-    """(text, token count) of one answer per item, in item order. Batches hold prompts of similar length, so
-    little of a batch is padding; with greedy decoding the order does not change an answer."""
+    """(text, token count) of one answer per item, in item order, `batch_size` rows decoding at a time with
+    continuous batching. Prompts start in order of length, so a prefill holds little padding; with greedy
+    decoding the order does not change an answer."""
     from chatrlhf.chat_template import prompt_ids
-    from chatrlhf.generation import generate
+    from chatrlhf.generation import generate_each
 
     rows = [prompt_ids(tokenizer, [{"role": "user", "content": item.prompt}]) for item in items]
     order = sorted(range(len(rows)), key=lambda k: len(rows[k]))
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = max(1, len(rows) // 10)
+    ended = []
+
+    def progress(_index, _continuation) -> None:
+        ended.append(1)
+        if len(ended) % step == 0 or len(ended) == len(rows):
+            console.print(f"  answered {len(ended)}/{len(rows)}", highlight=False)
+
+    continuations = generate_each(model, [rows[k] for k in order], cfg.sampling, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id, cfg.batch_size, generator, progress)  # fmt: skip
     out: list[tuple[str, int]] = [("", 0)] * len(rows)
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start : start + cfg.batch_size]
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + start)
-        gen = generate(
-            model,
-            [rows[k] for k in chunk],
-            cfg.sampling,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            generator,
-        )
-        for k, text, ids in zip(chunk, gen.texts(tokenizer), gen.token_lists(tokenizer.eos_token_id)):
-            out[k] = (text, len(ids))
-        console.print(f"  answered {min(start + cfg.batch_size, len(order))}/{len(order)}", highlight=False)
+    for k, cont in zip(order, continuations):
+        out[k] = (tokenizer.decode(cont.ids, skip_special_tokens=True), len(cont.ids))
     return out
 
 

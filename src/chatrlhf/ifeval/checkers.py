@@ -122,6 +122,42 @@ def instruction_names() -> list[str]:
     return sorted(_lm_eval_module("instructions_registry").INSTRUCTION_DICT)
 
 
+def follows(instruction: str, kwargs: dict, prompt: str, answer: str) -> bool:
+    """lm-eval's strict verdict on one instruction: does `answer` follow it?"""
+    utils = _lm_eval_module("utils")
+    example = utils.InputExample(key=0, instruction_id_list=[instruction], prompt=prompt, kwargs=[kwargs])
+    return utils.test_instruction_following_strict(example, answer).follow_all_instructions
+
+
+@dataclass
+class InstructionConstraint:
+    """One IFEval instruction of a prompt record, as the rule judge reads constraints: met when lm-eval's
+    strict reading says the answer follows it; no partial credit."""
+
+    kind: str  # the instruction id, e.g. "punctuation:no_comma"
+    kwargs: dict
+    prompt: str
+
+    def met(self, answer: str) -> bool:
+        return follows(self.kind, self.kwargs, self.prompt, answer)
+
+    def credit(self, answer: str) -> float:
+        return float(self.met(answer))
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items() if k != "prompt_to_repeat")
+        return f"{self.kind} ({args})" if args else self.kind
+
+
+def instruction_constraints(prompt: str, meta: dict) -> list[InstructionConstraint]:
+    """The IFEval instructions a record carries (`instruction_id_list` + `kwargs`, checked when it was read)."""
+    kwargs = meta.get("kwargs") or [{} for _ in meta["instruction_id_list"]]
+    return [
+        InstructionConstraint(name, {k: v for k, v in given.items() if v}, prompt)
+        for name, given in zip(meta["instruction_id_list"], kwargs)
+    ]
+
+
 def check(item: IFEvalItem, answer: str) -> Verdict:
     """lm-eval's strict and loose verdicts on `answer`, one per instruction of `item`."""
     utils = _lm_eval_module("utils")
@@ -134,12 +170,21 @@ def check(item: IFEvalItem, answer: str) -> Verdict:
 
 
 def parse_item(record: Record) -> IFEvalItem:
-    """An IFEval-format record, checked the way the checkers will read it: every instruction known, every
-    argument its checker reads given, and the checker run once on a trial answer."""
+    """An IFEval-format record (`prompt` text, `instruction_id_list`, `kwargs`), checked by `read_instructions`."""
     where, data = record.where, record.data
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: field 'prompt': expected non-empty text, got {prompt!r:.60}")
+    ids, kwargs = read_instructions(where, prompt, data)
+    key = str(data.get("key", where))
+    extra = {k: v for k, v in data.items() if k not in ("key", "prompt", "instruction_id_list", "kwargs")}
+    return IFEvalItem(where, key, prompt, ids, kwargs, extra)
+
+
+def read_instructions(where: str, prompt: str, data: dict) -> tuple[list[str], list[dict]]:
+    """A record's `instruction_id_list` and `kwargs` checked the way the checkers will read them: every
+    instruction known, every argument its checker reads given, and the checker run once on a trial answer.
+    The kwargs come back with empty values left out, as lm-eval leaves them out."""
     ids = data.get("instruction_id_list")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise DataError(f"{where}: field 'instruction_id_list': expected a non-empty list of instruction ids")
@@ -161,12 +206,10 @@ def parse_item(record: Record) -> IFEvalItem:
                 f"{where}: field 'instruction_id_list[{i}]': unknown instruction {name!r}; known: "
                 + ", ".join(sorted(registry))
             )
-        args = {k: v for k, v in given.items() if v}  # lm-eval drops empty values the same way
+        args = {k: v for k, v in given.items() if v}
         _try_checker(registry[name](name), args, prompt, f"{where}: field 'kwargs[{i}]' ({name})")
         kept.append(args)
-    key = str(data.get("key", where))
-    extra = {k: v for k, v in data.items() if k not in ("key", "prompt", "instruction_id_list", "kwargs")}
-    return IFEvalItem(where, key, prompt, list(ids), kept, extra)
+    return list(ids), kept
 
 
 def _try_checker(checker, args: dict, prompt: str, where: str) -> None:
