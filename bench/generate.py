@@ -1,0 +1,152 @@
+"""The generation engine against transformers' `generate()`, on the default model, side by side in one run.
+
+    .venv/bin/python bench/generate.py                       # both shapes, IFEval on 128 of its prompts
+    .venv/bin/python bench/generate.py --ifeval-prompts 541  # the whole IFEval set
+    .venv/bin/python bench/generate.py --shape rollout --dtype bf16
+
+Shapes:
+- rollout: the demo's PPO rollout, 8 prompts x 4 answers each, temperature 1, up to 48 new tokens. chatrlhf's
+  `generate` prefills each distinct prompt once; transformers gets the 8 prompts left-padded with
+  `num_return_sequences=4`.
+- ifeval: IFEval's prompts (a seeded sample, or all 541), greedy, up to 512 new tokens, 64 rows at a time.
+  chatrlhf's `generate_each` refills a finished row with the next prompt (continuous batching); transformers
+  gets the prompts sorted by length in batches of 64, as a user of `generate()` would batch them.
+
+Each side reports new tokens/s, and GFLOP/s counting 2 x (the model's matmul weights) per token processed
+(each distinct prompt's tokens once, then every new token) as a share of this CPU's matmul peak in that dtype
+(the project's dtype probe). The ratio line is chatrlhf's new tokens/s over transformers'. The answers of the
+greedy shape are compared too: the share that came out the same, token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IFEVAL = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+
+
+def matmul_params(model) -> int:
+    """Weights a token's forward multiplies by: every linear layer, the LM head included."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def rollout_prompts(tokenizer) -> list[list[int]]:
+    from chatrlhf.chat_template import prompt_ids
+
+    topics = ["tea", "rain", "maps", "jazz", "salt", "bread", "glass", "cats"]
+    asks = [f"Describe {t} in at most 15 words, in all lowercase." for t in topics]
+    return [prompt_ids(tokenizer, [{"role": "user", "content": a}]) for a in asks]
+
+
+def ifeval_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
+    from chatrlhf.chat_template import prompt_ids
+
+    records = [json.loads(line) for line in IFEVAL.read_text(encoding="utf-8").splitlines()]
+    if n < len(records):
+        records = random.Random(seed).sample(records, n)
+    rows = [prompt_ids(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in records]
+    return sorted(rows, key=len)
+
+
+def ours(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tuple[list[list[int]], float]:
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.generation import generate, generate_each
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    began = time.perf_counter()
+    if shape == "rollout":
+        rows = [p for p in prompts for _ in range(4)]
+        gen = generate(
+            model, rows, SamplingConfig(max_new, 1.0), eos, pad, torch.Generator().manual_seed(seed)
+        )
+        answers = gen.token_lists(eos)
+    else:
+        answers = [c.ids for c in generate_each(model, prompts, SamplingConfig(max_new), eos, pad, 64)]
+    return answers, time.perf_counter() - began
+
+
+def theirs(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tuple[list[list[int]], float]:
+    from chatrlhf.generation import left_pad
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    began, answers = time.perf_counter(), []
+    batches = [prompts] if shape == "rollout" else [prompts[i : i + 64] for i in range(0, len(prompts), 64)]
+    for batch in batches:
+        ids, mask = left_pad(batch, pad, "cpu")
+        kwargs = (
+            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": 4}
+            if shape == "rollout"
+            else {"do_sample": False}
+        )
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=pad, **kwargs)  # fmt: skip
+        for row in out[:, ids.shape[1] :].tolist():
+            row = [t for t in row if t != pad]
+            answers.append(row[: row.index(eos)] if eos in row else row)
+    return answers, time.perf_counter() - began
+
+
+def measure(name, run, model, tokenizer, shape, prompts, max_new, seed, params, peak) -> dict:
+    answers, wall = run(model, tokenizer, shape, prompts, max_new, seed)
+    new = sum(len(a) + (1 if len(a) < max_new else 0) for a in answers)  # an answer's EOS is generated too
+    processed = sum(len(p) for p in prompts) + new
+    gflops = 2 * params * processed / wall / 1e9
+    figures = {"engine": name, "shape": shape, "answers": len(answers), "new_tokens": new, "wall_s": round(wall, 2),
+               "new_tokens_per_s": round(new / wall, 1), "gflops": round(gflops, 1),
+               "peak_share": round(gflops / peak, 3)}  # fmt: skip
+    print(json.dumps(figures), flush=True)
+    return {**figures, "token_lists": answers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["rollout", "ifeval", "both"], default="both")
+    ap.add_argument("--ifeval-prompts", type=int, default=128)
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    from chatrlhf.harness import autocast
+    from chatrlhf.models import _matmul_gflops, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
+
+    torch.set_num_threads(torch.get_num_threads())
+    path = resolve_model("")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer)
+    dtype = resolve_dtype(args.dtype)
+    peak = _matmul_gflops(dtype)
+    params = matmul_params(model)
+    print(json.dumps({"dtype": str(dtype), "peak_gflops": round(peak, 1), "matmul_params": params,
+                      "threads": torch.get_num_threads()}), flush=True)  # fmt: skip
+    shapes = ["rollout", "ifeval"] if args.shape == "both" else [args.shape]
+    with autocast(torch.device("cpu"), dtype):
+        for shape in shapes:
+            prompts = (
+                rollout_prompts(tokenizer)
+                if shape == "rollout"
+                else ifeval_prompts(tokenizer, args.ifeval_prompts, args.seed)
+            )
+            max_new = 48 if shape == "rollout" else 512
+            a = measure("chatrlhf", ours, model, tokenizer, shape, prompts, max_new, args.seed, params, peak)
+            b = measure(
+                "transformers", theirs, model, tokenizer, shape, prompts, max_new, args.seed, params, peak
+            )
+            line = f"{shape}: chatrlhf {a['new_tokens_per_s']} against transformers {b['new_tokens_per_s']} new tokens/s: " \
+                   f"{a['new_tokens_per_s'] / b['new_tokens_per_s']:.2f}x; {a['peak_share']:.0%} against {b['peak_share']:.0%} of the {peak:.0f} GFLOP/s peak"  # fmt: skip
+            if shape == "ifeval":
+                same = sum(x == y for x, y in zip(a["token_lists"], b["token_lists"]))
+                line += f"; {same}/{len(prompts)} greedy answers the same token for token"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
