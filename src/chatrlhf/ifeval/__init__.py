@@ -1,0 +1,1 @@
+"""IFEval: lm-eval's checkers (`checkers`) and `chatrlhf eval --benchmark ifeval` (`benchmark`)."""
