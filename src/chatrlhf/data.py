@@ -177,14 +177,11 @@ def prompt_record(record: Record) -> Conversation:
     else:
         raise DataError(f"{where}: expected field `prompt` (text or messages) or `messages`")
     extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
-    if (
-        "instruction_id_list" in data
-    ):  # IFEval-format instructions: the judges check them with lm-eval's checkers
+    if "instruction_id_list" in data:  # IFEval-format: the judges check them with lm-eval's checkers
         from chatrlhf.ifeval.checkers import read_instructions
 
-        extra["instruction_id_list"], extra["kwargs"] = read_instructions(
-            where, messages[-1]["content"], data
-        )
+        ids, kwargs = read_instructions(where, messages[-1]["content"], data)
+        extra["instruction_id_list"], extra["kwargs"] = ids, kwargs
     return Conversation(where, messages, extra)
 
 

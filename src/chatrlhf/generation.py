@@ -228,7 +228,7 @@ def generate_each(
             live, answers = live + new, answers + [[] for _ in new]
         cache, attention, next_pos, step_logits = state
         short = torch.tensor([len(a) < sampling.min_new_tokens for a in answers], device=device)
-        chosen, _ = _choose(step_logits, sampling, generator, eos_id, short)
+        chosen, _ = _choose(step_logits, sampling, generator, eos_id, short, logprobs=False)
         keep = []
         for row, token in enumerate(chosen.tolist()):
             if token != eos_id:
@@ -293,13 +293,14 @@ def _trim(cache, attention: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(
-    step_logits, sampling: SamplingConfig, generator, eos_id: int, block_eos
-) -> tuple[torch.Tensor, torch.Tensor]:
+    step_logits, sampling: SamplingConfig, generator, eos_id: int, block_eos, logprobs: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each row's next token from its logits (B, V) and the token's log-prob under the temperature-scaled
     distribution (before top-k/top-p, as PPO's training forward recomputes it). EOS is never chosen where
-    `block_eos` (a bool for every row, or a (B,) mask) holds: `min_new_tokens` is not reached yet."""
+    `block_eos` (a bool for every row, or a (B,) mask) holds: `min_new_tokens` is not reached yet. Without
+    `logprobs` (a caller that keeps only the tokens) no log-softmax over the vocabulary is computed."""
     logits = step_logits.float() / (sampling.temperature or 1.0)
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1) if logprobs else None
     if isinstance(block_eos, torch.Tensor):
         logits[block_eos, eos_id] = float("-inf")
     elif block_eos:
@@ -308,7 +309,7 @@ def _choose(
         chosen = sample_tokens(_filter(logits, sampling.top_k, sampling.top_p).softmax(-1), generator)
     else:
         chosen = logits.argmax(-1)
-    return chosen, logp.gather(1, chosen[:, None])[:, 0]
+    return chosen, None if logp is None else logp.gather(1, chosen[:, None])[:, 0]
 
 
 def _prefill(model, prompts, ids, mask, cache: dict, share: bool, seen: _LayerInput) -> torch.Tensor:

@@ -101,8 +101,8 @@ def _by_type(items: list[IFEvalItem], per_prompt: dict[str, list[list[float]]], 
                 for k, item in enumerate(items)
             ]
             groups = [g for g in groups if g]
-            figures["instructions"] = sum(len(g) for g in groups)
-            figures[reading] = sum(map(sum, groups)) / figures["instructions"]
+            figures["instructions"] = count = sum(len(g) for g in groups)  # the same for both readings
+            figures[reading] = sum(map(sum, groups)) / count
             figures[f"{reading}_ci"] = bootstrap(groups, seed)
         out[name] = figures
     return out
