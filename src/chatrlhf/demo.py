@@ -18,6 +18,7 @@ from rich.console import Console
 
 from chatrlhf.configs import (
     DemoConfig,
+    DemoTask,
     EvalConfig,
     LabelAutoConfig,
     LoraConfig,
@@ -28,6 +29,7 @@ from chatrlhf.configs import (
     SamplingConfig,
     SFTConfig,
 )
+from chatrlhf.errors import UserError
 from chatrlhf.runs import atomic_write_jsonl
 
 TOPICS = {
@@ -129,10 +131,10 @@ def written_answer(row: dict, rng: random.Random) -> str:
 
 
 def best_of_n_demonstrations(
-    model_path: str, rows: list[dict], n: int, seed: int, max_new_tokens: int
+    model_path: str, rows: list[dict], n: int, seed: int, max_new_tokens: int, written=None
 ) -> list[dict]:
-    """The rule judge's best of n sampled answers per prompt, where it meets every constraint; a written
-    answer elsewhere. Each record says which (`source`)."""
+    """The rule judge's best of n sampled answers per prompt, where it meets every constraint; elsewhere the
+    answer `written(row, rng)` gives, or none (the prompt is left out). Each record says which (`source`)."""
     from chatrlhf.judges import RuleJudge, satisfies_all
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
     from chatrlhf.records import Conversation
@@ -151,22 +153,25 @@ def best_of_n_demonstrations(
             model, tokenizer, chunk, n, SamplingConfig(max_new_tokens, temperature=1.0), seed + start, 1
         )
         for row, d in zip(rows[start : start + 8], drawn):
-            meta = {"topic": row["topic"]}
+            meta = {k: v for k, v in row.items() if k not in ("prompt", "constraint")}
             scores = judge.scores(d.conversation.messages, d.answers, meta)
             best = max(zip(scores, d.answers), default=(0.0, ""))[1]
             if best and satisfies_all(d.conversation.messages, best, meta):
                 out.append({"prompt": row["prompt"], "completion": best, "source": "best-of-n"})
-            else:
-                out.append(
-                    {"prompt": row["prompt"], "completion": written_answer(row, rng), "source": "written"}
-                )
+            elif written is not None:
+                out.append({"prompt": row["prompt"], "completion": written(row, rng), "source": "written"})
     return out
+
+
+def answer_tokens(cfg: DemoConfig) -> int:
+    """The longest answer in training and the held-out eval: the config's, else the task's own."""
+    return cfg.max_new_tokens or {DemoTask.constraints: 48, DemoTask.ifeval: 160}[cfg.task]
 
 
 def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineConfig:
     """The demo's settings for the whole pipeline, sized for a 2-core CPU; `depth` is the model's number of
     transformer layers (PPO's adapters go in the last 8 of them, or all of a smaller model's)."""
-    tokens = cfg.max_new_tokens
+    tokens = answer_tokens(cfg)
     return PipelineConfig(
         output_dir=cfg.output_dir,
         model=cfg.model,
@@ -221,6 +226,12 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
 
 
 def run(cfg: DemoConfig) -> dict:
+    if cfg.max_new_tokens < 0:
+        raise UserError("demo: max_new_tokens must be 0 (the task's own) or more")
+    if cfg.task == DemoTask.ifeval:
+        from chatrlhf.ifeval import loop
+
+        return loop.run(cfg)
     from chatrlhf.models import resolve_model
     from chatrlhf.pipeline import run as run_pipeline
 
@@ -237,14 +248,19 @@ def run(cfg: DemoConfig) -> dict:
     if not (cfg.resume and demos.exists()):
         console.rule("[bold]demonstrations: best of N sampled answers by the rule judge")
         rows = best_of_n_demonstrations(
-            resolve_model(cfg.model), train_rows, cfg.best_of, cfg.seed, cfg.max_new_tokens
+            resolve_model(cfg.model), train_rows, cfg.best_of, cfg.seed, answer_tokens(cfg), written_answer
         )
         atomic_write_jsonl(demos, rows)
         picked = sum(r["source"] == "best-of-n" for r in rows)
         console.print(
             f"{picked}/{len(rows)} demonstrations picked from samples, {len(rows) - picked} written"
         )
+    return run_pipeline(pipeline_config(cfg, data, model_depth(cfg.model)))
+
+
+def model_depth(model: str) -> int:
     from transformers import AutoConfig
 
-    depth = AutoConfig.from_pretrained(resolve_model(cfg.model)).num_hidden_layers
-    return run_pipeline(pipeline_config(cfg, data, depth))
+    from chatrlhf.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers

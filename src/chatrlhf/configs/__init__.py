@@ -17,6 +17,7 @@ from chatrlhf.configs.choices import (
     Benchmark,
     Choice,
     DemoFormat,
+    DemoTask,
     Dtype,
     JudgeName,
     KLEstimator,
@@ -61,6 +62,7 @@ from chatrlhf.configs.stages import (
 __all__ = [
     "AdvantageEstimator",
     "Benchmark",
+    "DemoTask",
     "ChatConfig",
     "Choice",
     "ConfigError",

@@ -86,6 +86,11 @@ class Benchmark(Choice):
     ifeval = "ifeval"
 
 
+class DemoTask(Choice):
+    constraints = "constraints"
+    ifeval = "ifeval"
+
+
 class Labeler(Choice):
     auto = "auto"
     human = "human"

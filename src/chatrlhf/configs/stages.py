@@ -9,6 +9,7 @@ from chatrlhf.configs.choices import (
     AdvantageEstimator,
     Benchmark,
     DemoFormat,
+    DemoTask,
     Dtype,
     JudgeName,
     KLEstimator,
@@ -406,6 +407,11 @@ class PipelineConfig:
 @dataclass
 class DemoConfig:
     output_dir: str = help_field("runs/demo", "where the demo's stages and report go")
+    task: DemoTask = help_field(
+        DemoTask.constraints,
+        "constraints: the built-in constraint task | ifeval: IFEval-format instructions on the demo's own "
+        "topics, ending with IFEval itself for the starting, SFT and PPO models",
+    )
     model: str = help_field("", "starting model; empty for the default SmolLM2-135M-Instruct")
     iterations: int = help_field(
         2, "rounds of sample -> rank -> reward model -> PPO (the second ranks the first's PPO answers)"
@@ -417,6 +423,16 @@ class DemoConfig:
     tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
     rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
     ppo_steps: int = help_field(35, "PPO steps per iteration, each 8 prompts x 4 answers")
-    max_new_tokens: int = help_field(48, "longest answer in tokens, everywhere in the demo")
+    max_new_tokens: int = help_field(
+        0,
+        "longest answer in tokens in training and the held-out eval; 0: the task's (constraints 48, ifeval 160)",
+    )
+    ifeval_prompts: str = help_field(
+        "google/IFEval", "ifeval task: the IFEval-format records scored at the end (a file or hub dataset)"
+    )
+    ifeval_limit: int = help_field(0, "ifeval task: score a seeded sample of this many of them; 0: all")
+    ifeval_max_new_tokens: int = help_field(
+        512, "ifeval task: longest IFEval answer, the same for every model"
+    )
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
