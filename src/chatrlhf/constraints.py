@@ -283,15 +283,15 @@ def parse_constraints(text: str) -> list[Constraint]:
 
 def constraints_of(prompt: list[dict], meta: dict) -> list[Constraint | InstructionConstraint]:
     """A record's IFEval instructions (`instruction_id_list` + `kwargs`, checked by lm-eval's checkers), or its
-    explicit `constraints` ([{"kind", "value"}]), or else those its last user turn states, plus "about" its
-    `topic` when the record names one."""
+    explicit `constraints` ([{"kind", "value"}]), or else those its last user turn states; plus "about" its
+    `topic` when the record names one (word salad that happens to follow an instruction does not name it)."""
+    found: list[Constraint | InstructionConstraint]
     if meta.get("instruction_id_list"):
         from chatrlhf.ifeval.checkers import instruction_constraints
 
-        return instruction_constraints(prompt[-1]["content"], meta)
-    listed = meta.get("constraints")
-    if listed:
-        found = [Constraint(c["kind"], c.get("value", 0)) for c in listed]
+        found = list(instruction_constraints(prompt[-1]["content"], meta))
+    elif meta.get("constraints"):
+        found = [Constraint(c["kind"], c.get("value", 0)) for c in meta["constraints"]]
     else:
         found = parse_constraints(prompt[-1]["content"])
     topic = meta.get("topic")

@@ -131,7 +131,13 @@ def written_answer(row: dict, rng: random.Random) -> str:
 
 
 def best_of_n_demonstrations(
-    model_path: str, rows: list[dict], n: int, seed: int, max_new_tokens: int, written=None
+    model_path: str,
+    rows: list[dict],
+    n: int,
+    seed: int,
+    max_new_tokens: int,
+    written=None,
+    temperature: float = 1.0,
 ) -> list[dict]:
     """The rule judge's best of n sampled answers per prompt, where it meets every constraint; elsewhere the
     answer `written(row, rng)` gives, or none (the prompt is left out). Each record says which (`source`)."""
@@ -150,7 +156,13 @@ def best_of_n_demonstrations(
     for start in range(0, len(rows), 8):
         chunk = conversations[start : start + 8]
         drawn = draw(
-            model, tokenizer, chunk, n, SamplingConfig(max_new_tokens, temperature=1.0), seed + start, 1
+            model,
+            tokenizer,
+            chunk,
+            n,
+            SamplingConfig(max_new_tokens, temperature=temperature),
+            seed + start,
+            1,
         )
         for row, d in zip(rows[start : start + 8], drawn):
             meta = {k: v for k, v in row.items() if k not in ("prompt", "constraint")}

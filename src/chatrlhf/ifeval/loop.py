@@ -257,7 +257,7 @@ def run(cfg: DemoConfig) -> dict:
     if not (cfg.resume and demos.exists()):
         console.rule("[bold]demonstrations: best of N sampled answers by lm-eval's checkers")
         rows = best_of_n_demonstrations(
-            resolve_model(cfg.model), sft_rows, cfg.best_of, cfg.seed, answer_tokens(cfg)
+            resolve_model(cfg.model), sft_rows, cfg.best_of, cfg.seed, answer_tokens(cfg), temperature=0.7
         )
         if not rows:
             raise UserError(
