@@ -9,7 +9,7 @@ Two workloads, one summary row each (`--workload full|lora|both`, default both; 
   exactly 32 sampled tokens per answer (temperature 0.7), 1 PPO epoch of 1 minibatch per batch, LR 3e-6 with
   linear decay and no warmup, k1 KL penalty 0.05, GAE gamma 1 / lambda 0.95, clip 0.2, value clip 0.2,
   vf_coef 0.1, whitened advantages, no gradient clipping, CPU with 2 torch threads; every weight trains.
-* lora: the demo's PPO settings (`pipeline_config` in src/chatrlhf/demo.py) with GAE and a value model, as
+* lora: the demo's PPO settings (`pipeline_config` in src/chatrlhf/demo_pipeline.py) with GAE and a value model, as
   TRL's PPOTrainer needs: LoRA rank 16, alpha 16, dropout 0 on q/k/v/o/gate/up/down in the last 8 of the 30
   layers, on the policy and on the value model (whose new scalar head trains too); the reference is the
   policy with its adapters disabled; 32 rollouts per PPO step (the anchor's 16 prompts twice, one answer

@@ -1,6 +1,6 @@
 """Seconds per PPO step at the demo's PPO settings, chatrlhf alone (no competitor: a before/after figure).
 
-The demo's `PPOConfig` (`chatrlhf.demo.pipeline_config`: 8 prompts x 4 answers, 48 new tokens, rloo,
+The demo's `PPOConfig` (`chatrlhf.demo_pipeline.pipeline_config`: 8 prompts x 4 answers, 48 new tokens, rloo,
 LoRA r16 in the last 8 layers, 2 epochs x 2 minibatches) on the demo's training prompts, with the default
 model as the policy and, with a fresh score head, as the reward model (so the rewards mean nothing, but
 every forward and backward is the demo's). Prints each step's `timing/*` seconds and their medians.
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="run folder (default: a temporary one)")
     args = ap.parse_args()
 
-    from chatrlhf import demo
+    from chatrlhf import demo, demo_pipeline
     from chatrlhf.configs import DemoConfig
     from chatrlhf.models import resolve_model
     from chatrlhf.ppo import train
@@ -36,7 +36,7 @@ def main() -> None:
     rows = demo.paired_prompts([t for t in demo.TOPICS if t not in demo.HELD_OUT_TOPICS])
     (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     model = resolve_model("")
-    cfg = demo.pipeline_config(DemoConfig(output_dir=str(out)), data).ppo
+    cfg = demo_pipeline.pipeline_config(DemoConfig(output_dir=str(out)), data).ppo
     cfg = dataclasses.replace(
         cfg, model=model, reward_model=model, output_dir=str(out), max_steps=args.steps, overwrite=True,
         sample_every=0,

@@ -149,7 +149,7 @@ def test_the_demo_reward_model_freezes_exactly_the_trunk_ppo_shares(tmp_path):
     """The demo's reward model trains only the layers where PPO's adapters are, so PPO scores every rollout
     from the trunk it computes for the reference anyway; on a model shallower than that it trains all."""
     from chatrlhf.configs import DemoConfig
-    from chatrlhf.demo import pipeline_config
+    from chatrlhf.demo_pipeline import pipeline_config
 
     cfg = pipeline_config(DemoConfig(), tmp_path, depth=30)
     assert cfg.reward.freeze_layers == 30 - cfg.ppo.lora.layers == 22 and cfg.ppo.share_trunk

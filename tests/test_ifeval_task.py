@@ -9,10 +9,9 @@ import pytest
 from conftest import SHARED_DATA, chatrlhf, write_jsonl
 
 from chatrlhf.ifeval.checkers import follows, instruction_names, read_instructions
+from chatrlhf.ifeval.kinds import KINDS, LEFT_OUT
 from chatrlhf.ifeval.task import (
     HELD_OUT_TOPICS,
-    KINDS,
-    LEFT_OUT,
     TOPICS,
     conflicts,
     make_prompt,

@@ -240,7 +240,7 @@ def score_models(cfg: DemoConfig, pipe_cfg: PipelineConfig, policy: str, console
 
 
 def run(cfg: DemoConfig) -> dict:
-    from chatrlhf.demo import answer_tokens, best_of_n_demonstrations, model_depth, pipeline_config
+    from chatrlhf.demo_pipeline import answer_tokens, best_of_n_demonstrations, model_depth, pipeline_config
     from chatrlhf.models import resolve_model
     from chatrlhf.pipeline import run as run_pipeline
 
