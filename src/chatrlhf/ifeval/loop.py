@@ -1,8 +1,9 @@
 """`chatrlhf demo --task ifeval`: the whole loop on the project's own instruction-following prompts, then IFEval.
 
 The prompts (`ifeval.task`) carry IFEval's kinds of instruction on the demo's own topics; the rule judge scores an
-answer by the share of them that lm-eval's checkers say it follows. Demonstrations are the best of N sampled
-answers where one follows every instruction (the prompt is left out otherwise: no answer is written for it); a
+answer by the share of them that lm-eval's checkers say it follows, and of naming the topic. Demonstrations are
+the best of N answers sampled at temperature 0.7 where one follows everything (the prompt is left out otherwise:
+no answer is written for it); a
 simulated labeler ranks K answers with that judge plus noise; the reward model learns from the rankings alone;
 PPO runs in rounds as the built-in demo does. At the end the starting model, the SFT model and the PPO policy
 answer IFEval's own prompts with the same greedy decoding, and `report.md` opens with their accuracy per
