@@ -12,7 +12,6 @@ the judge.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from rich.console import Console
 
@@ -128,13 +127,18 @@ def run(cfg: DemoConfig) -> dict:
         from chatrlhf.ifeval import loop
 
         return loop.run(cfg)
-    from chatrlhf.demo_pipeline import answer_tokens, best_of_n_demonstrations, model_depth, pipeline_config
+    from chatrlhf.demo_pipeline import (
+        answer_tokens,
+        best_of_n_demonstrations,
+        data_dir,
+        model_depth,
+        pipeline_config,
+    )
     from chatrlhf.models import resolve_model
     from chatrlhf.pipeline import run as run_pipeline
 
     console = Console()
-    data = Path(cfg.output_dir).parent / (Path(cfg.output_dir).name + "_data")
-    data.mkdir(parents=True, exist_ok=True)
+    data = data_dir(cfg)
     train_topics = [t for t in TOPICS if t not in HELD_OUT_TOPICS]
     train_rows = prompts(train_topics)
     atomic_write_jsonl(data / "prompts.jsonl", paired_prompts(train_topics))

@@ -66,6 +66,14 @@ def best_of_n_demonstrations(
     return out
 
 
+def data_dir(cfg: DemoConfig) -> Path:
+    """The demo's generated files (prompts, demonstrations) beside its output folder: `<output_dir>_data`."""
+    out = Path(cfg.output_dir)
+    folder = out.parent / (out.name + "_data")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def answer_tokens(cfg: DemoConfig) -> int:
     """The longest answer in training and the held-out eval: the config's, else the task's own."""
     return cfg.max_new_tokens or {DemoTask.constraints: 48, DemoTask.ifeval: 160}[cfg.task]

@@ -3,9 +3,8 @@
 The prompts (`ifeval.task`) carry IFEval's kinds of instruction on the demo's own topics; the rule judge scores an
 answer by the share of them that lm-eval's checkers say it follows, and of naming the topic. Demonstrations are
 the best of N answers sampled at temperature 0.7 where one follows everything (the prompt is left out otherwise:
-no answer is written for it); a
-simulated labeler ranks K answers with that judge plus noise; the reward model learns from the rankings alone;
-PPO runs in rounds as the built-in demo does. At the end the starting model, the SFT model and the PPO policy
+no answer is written for it); a simulated labeler ranks K answers with that judge plus noise; the reward model
+learns from the rankings alone; PPO runs in rounds as the built-in demo does. At the end the starting model, the SFT model and the PPO policy
 answer IFEval's own prompts with the same greedy decoding, and `report.md` opens with their accuracy per
 instruction type. The starting model's IFEval answers are cached by checkpoint hash, so a second run skips them.
 """
@@ -219,16 +218,16 @@ def score_models(cfg: DemoConfig, pipe_cfg: PipelineConfig, policy: str, console
     for who, model in models.items():
 
         def answer_all(w=who, m=model) -> dict:
-            got = cached_answers("" if m == "default" else m, items, bench, console)
+            got = answers[w] = cached_answers("" if m == "default" else m, items, bench, console)
             atomic_write_jsonl(folder / f"{w}.jsonl", [{"key": i.key, "text": a.text, "tokens": a.tokens}
                                                      for i, a in zip(items, got)])  # fmt: skip
             return {"model": m, "prompt_loose": sum(all(a.verdict.loose) for a in got) / len(got)}
 
         pipe.stage(f"ifeval/{who}", answer_all)
-        rows = [
-            json.loads(line) for line in (folder / f"{who}.jsonl").read_text(encoding="utf-8").splitlines()
-        ]
-        answers[who] = [Answer(r["text"], r["tokens"], check(i, r["text"])) for r, i in zip(rows, items)]
+        if who not in answers:  # answered by an earlier run of this folder: its saved answers, checked again
+            saved = (folder / f"{who}.jsonl").read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in saved]
+            answers[who] = [Answer(r["text"], r["tokens"], check(i, r["text"])) for r, i in zip(rows, items)]
     result = figures(items, answers, cfg.seed)
     result["models"] = models
     atomic_write_text(folder / "ifeval.json", json.dumps(result, indent=2) + "\n")
@@ -241,18 +240,21 @@ def score_models(cfg: DemoConfig, pipe_cfg: PipelineConfig, policy: str, console
 
 
 def run(cfg: DemoConfig) -> dict:
-    from chatrlhf.demo_pipeline import answer_tokens, best_of_n_demonstrations, model_depth, pipeline_config
+    from chatrlhf.demo_pipeline import (
+        answer_tokens,
+        best_of_n_demonstrations,
+        data_dir,
+        model_depth,
+        pipeline_config,
+    )
     from chatrlhf.models import resolve_model
     from chatrlhf.pipeline import run as run_pipeline
 
     console = Console()
     bench = benchmark_config(cfg)
-    load_items(
-        bench.prompts, bench.limit, bench.seed
-    )  # a bad or unreachable IFEval file stops before training
-    out = Path(cfg.output_dir)
-    data = out.parent / (out.name + "_data")
-    data.mkdir(parents=True, exist_ok=True)
+    # a bad or unreachable IFEval file stops here, before anything is trained or written
+    load_items(bench.prompts, bench.limit, bench.seed)
+    data = data_dir(cfg)
     sft_rows = write_data(cfg, data)
     demos = data / "demonstrations.jsonl"
     if not (cfg.resume and demos.exists()):
