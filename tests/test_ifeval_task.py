@@ -111,17 +111,8 @@ def _ifeval_file(tmp_path) -> str:
 def test_demo_task_ifeval_runs_the_loop_and_ends_with_ifeval_for_three_models(tiny_model, tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--task", "ifeval", "--model", tiny_model, "--output_dir", str(out), "--iterations", "1"]
-    args += ["--sft_steps", "2", "--ppo_steps", "2", "--best_of", "2", "--max_new_tokens", "8"]
+    args += ["--sft_steps", "2", "--ppo_steps", "2", "--max_new_tokens", "8"]
     args += ["--ifeval_prompts", _ifeval_file(tmp_path), "--ifeval_max_new_tokens", "10"]
-    # a random model's answers never name the topic, so no sampled demonstration passes the judge: it says so
-    failed = chatrlhf(*args)
-    assert failed.returncode != 0 and "followed all its instructions; raise --best_of" in failed.stderr
-    assert "Traceback" not in failed.stderr and not out.exists()
-    # with demonstrations in place (as an interrupted run leaves them), `--resume` runs the whole loop
-    demos = [{"prompt": f"Tell me about bees ({i}).", "completion": "Bees make honey.", "source": "written"}
-             for i in range(4)]  # fmt: skip
-    write_jsonl(tmp_path / "demo_data" / "demonstrations.jsonl", demos)
-    args += ["--resume", "true"]
     result = chatrlhf(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())
@@ -129,7 +120,15 @@ def test_demo_task_ifeval_runs_the_loop_and_ends_with_ifeval_for_three_models(ti
         "sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo", "eval",
         "ifeval/start", "ifeval/sft", "ifeval/ppo",
     ]  # fmt: skip
+    from chatrlhf.labeling.store import Store
+
     data = tmp_path / "demo_data"
+    demos = [json.loads(line) for line in (data / "demonstrations.jsonl").read_text().splitlines()]
+    assert demos and all(d["source"] == "edited" and d["draft"] for d in demos)
+    # the ranking tasks written from the drafts were ranked with the first round's sampled answers
+    ahead = [json.loads(line) for line in (data / "ranking_tasks.jsonl").read_text().splitlines()]
+    store = Store(str(out / "labels.db"))
+    assert ahead and all(len(store.task_ids(key=r["key"], iteration=1)) == 1 for r in ahead)
     prompts = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
     assert all(r["instruction_id_list"] and r["topic"] not in HELD_OUT_TOPICS for r in prompts)
     figures = json.loads((out / "ifeval" / "ifeval.json").read_text())
@@ -153,7 +152,7 @@ def test_demo_task_ifeval_runs_the_loop_and_ends_with_ifeval_for_three_models(ti
     assert (out / "ifeval_by_type.png").is_file()
     assert "fell from the starting model to PPO" in report
     # the same seed again, resumed: nothing is trained or answered again and the figures repeat
-    again = chatrlhf(*args)
+    again = chatrlhf(*args, "--resume", "true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "ifeval" / "ifeval.json").read_text()) == figures
 

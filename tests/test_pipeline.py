@@ -222,3 +222,50 @@ def test_pipeline_refuses_missing_files(tmp_path):
     result = chatrlhf("pipeline", "--output_dir", str(tmp_path / "x"), "--demonstrations", "nope.jsonl")
     assert result.returncode == 2 and "no such file: nope.jsonl" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_ranking_tasks_written_ahead_join_the_first_round(tiny_model, tmp_path):
+    files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    written = [
+        {"prompt": "Describe tea in at most 5 words.", "answers": ["tea is warm.", "Tea, a drink I like a lot."],
+         "topic": "tea"},
+        {"prompt": "Describe rain as 2 bullet points.", "answers": ["* wet\n* cold", "rain", "* wet"]},
+    ]  # fmt: skip
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", written)
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", cfg, *files, "--output_dir", str(out), "--labeler", "human"]
+    result = chatrlhf(*args, "--ranking_tasks", tasks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = Store(str(out / "labels.db"))
+    assert len(store.task_ids(iteration=1)) == 8 + 2  # sampled ones and those written ahead, ranked together
+    ahead = store.task_ids(source=tasks)
+    assert len(ahead) == 2 and store.task_ids(source=tasks, topic="tea") == ahead[:1]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "Hi.", "answers": "hello"}, "tasks.jsonl:2: field 'answers': expected a list"),
+        (
+            {"prompt": "Hi.", "answers": ["hello"]},
+            "tasks.jsonl:2: field 'answers': expected two or more distinct",
+        ),
+        (
+            {"prompt": "Hi.", "answers": ["a", "a"]},
+            "tasks.jsonl:2: field 'answers': expected two or more distinct",
+        ),
+        (
+            {"prompt": "Hi.", "answers": ["a", ""]},
+            "tasks.jsonl:2: field 'answers': expected a list of non-empty",
+        ),
+        ({"answers": ["a", "b"]}, "tasks.jsonl:2"),
+    ],
+)
+def test_a_bad_ranking_tasks_file_stops_the_pipeline_before_anything_is_written(tmp_path, record, message):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "Hi.", "answers": ["a", "b"]}, record])
+    out = tmp_path / "x"
+    result = chatrlhf(
+        "pipeline", *_pipeline_files(tmp_path), "--output_dir", str(out), "--ranking_tasks", tasks
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -74,9 +74,24 @@ def data_dir(cfg: DemoConfig) -> Path:
     return folder
 
 
+# what a setting of 0 means for each task: the answers' length, SFT's steps (two passes over the
+# demonstrations), the reward model's passes over the rankings and PPO's steps per round. The ifeval task's
+# answers are longer and its rankings hold the written-ahead tasks too, so it takes fewer passes and steps to
+# keep within its time
+TASK_DEFAULTS = {
+    DemoTask.constraints: {"max_new_tokens": 48, "sft_steps": 24, "rm_epochs": 2.0, "ppo_steps": 35},
+    DemoTask.ifeval: {"max_new_tokens": 160, "sft_steps": 160, "rm_epochs": 1.0, "ppo_steps": 24},
+}
+
+
+def setting(cfg: DemoConfig, name: str):
+    """The config's value of `name`, else (when 0) the task's own."""
+    return getattr(cfg, name) or TASK_DEFAULTS[cfg.task][name]
+
+
 def answer_tokens(cfg: DemoConfig) -> int:
-    """The longest answer in training and the held-out eval: the config's, else the task's own."""
-    return cfg.max_new_tokens or {DemoTask.constraints: 48, DemoTask.ifeval: 160}[cfg.task]
+    """The longest answer in training and the held-out eval."""
+    return setting(cfg, "max_new_tokens")
 
 
 def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineConfig:
@@ -98,12 +113,12 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
             k=cfg.k, sampling=SamplingConfig(max_new_tokens=tokens, temperature=1.0), batch_prompts=8
         ),
         label=LabelAutoConfig(judge="rule", noise=cfg.noise, tie_margin=cfg.tie_margin, seed=cfg.seed),
-        sft=SFTConfig(max_steps=cfg.sft_steps, batch_size=4, lr=5e-5, save_every=0),
+        sft=SFTConfig(max_steps=setting(cfg, "sft_steps"), batch_size=4, lr=5e-5, save_every=0),
         # the reward model trains the layers above PPO's shared trunk only (and its head): its bottom stays
         # the SFT model's, so PPO scores with the trunk it computes anyway; measured against full training
         # on gold-judged held-out pairs in docs/demo.md
         reward=RewardConfig(
-            epochs=cfg.rm_epochs,
+            epochs=setting(cfg, "rm_epochs"),
             batch_size=8,
             lr=2e-3,
             freeze_layers=max(0, depth - 8),
@@ -114,7 +129,7 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
         # pair it asks for) drops out of the advantage without a critic to warm up; LoRA in the last 8
         # layers stops backward there; the settings measured are in docs/demo.md
         ppo=PPOConfig(
-            max_steps=cfg.ppo_steps,
+            max_steps=setting(cfg, "ppo_steps"),
             batch_size=8,
             samples_per_prompt=4,
             advantage_estimator="rloo",
@@ -128,7 +143,7 @@ def pipeline_config(cfg: DemoConfig, data: Path, depth: int = 30) -> PipelineCon
             minibatches=2,
             missing_eos_penalty=1.0,
             save_every=0,
-            sample_every=max(1, cfg.ppo_steps // 3),
+            sample_every=max(1, setting(cfg, "ppo_steps") // 3),
         ),
         eval=EvalConfig(
             judge="rule", sampling=SamplingConfig(max_new_tokens=tokens, temperature=0.7), samples=2, show=8

@@ -96,6 +96,10 @@ def check_config(cfg: PipelineConfig) -> None:
             raise UserError(f"pipeline: say which file holds the {name.replace('_', ' ')}: --{name} FILE")
         if not Path(getattr(cfg, name)).exists():
             raise UserError(f"pipeline: --{name}: no such file: {getattr(cfg, name)}")
+    if cfg.ranking_tasks:
+        from chatrlhf.sample import read_tasks
+
+        read_tasks(cfg.ranking_tasks, {})  # a bad file stops here, before anything is trained
     if cfg.iterations < 1:
         raise UserError("pipeline: --iterations must be at least 1")
     _check_sections(cfg)
@@ -134,7 +138,7 @@ def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
     from chatrlhf.data import load_prompts
     from chatrlhf.labeling.store import Store
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device
-    from chatrlhf.sample import sample_tasks
+    from chatrlhf.sample import read_tasks, sample_tasks
 
     cfg = replace(pipe.cfg.sample, seed=pipe.cfg.seed * 1009 + iteration)
     store = Store(pipe.db)
@@ -150,6 +154,8 @@ def _sample(pipe: Pipeline, policy: str, iteration: int) -> dict:
     tasks = []
     for batch, _, _ in sample_tasks(model, tokenizer, conversations, cfg, policy, {"iteration": iteration}):
         tasks += batch
+    if iteration == 1 and pipe.cfg.ranking_tasks:
+        tasks += read_tasks(pipe.cfg.ranking_tasks, {"iteration": 1, "source": pipe.cfg.ranking_tasks})
     ids = store.add_tasks(tasks)  # all at once: a rerun after an interruption never holds half an iteration
     pipe.console.print(f"{len(ids)} ranking tasks of up to {cfg.k} answers from {policy}")
     return {"tasks": len(ids), "first_task": min(ids, default=0), "model": policy}

@@ -106,6 +106,25 @@ def sample_tasks(
         yield tasks, skipped, len(chunk)
 
 
+def read_tasks(source: str, extra: dict) -> list:
+    """Ranking tasks written ahead: prompt records (as `load_prompts` reads them) that also carry `answers`,
+    two or more distinct non-empty texts. The record's other fields and `extra` become the task's meta."""
+    from chatrlhf.data import load_prompts
+    from chatrlhf.labeling.store import TaskIn
+    from chatrlhf.records import DataError
+
+    tasks = []
+    for conv in load_prompts(source):
+        answers = conv.extra.get("answers")
+        if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers or [0]):
+            raise DataError(f"{conv.where}: field 'answers': expected a list of non-empty strings")
+        if len(set(answers)) < 2 or len(set(answers)) != len(answers):
+            raise DataError(f"{conv.where}: field 'answers': expected two or more distinct answers")
+        meta = {k: v for k, v in conv.extra.items() if k != "answers"}
+        tasks.append(TaskIn(conv.messages, answers, {**meta, "where": conv.where, **extra}))
+    return tasks
+
+
 def run(cfg: SampleConfig) -> list[int]:
     from chatrlhf.labeling.store import Store
     from chatrlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model

@@ -387,6 +387,9 @@ class PipelineConfig:
     demonstrations: str = help_field("", "SFT demonstrations file")
     prompts: str = help_field("", "prompts to sample answers for ranking and to run PPO on")
     eval_prompts: str = help_field("", "held-out prompts for the final evaluation")
+    ranking_tasks: str = help_field(
+        "", "JSONL of ranking tasks written ahead (prompt records + `answers`), ranked with round 1's"
+    )
     iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
     labeler: Labeler = help_field(
         Labeler.auto, "auto: a simulated labeler with `label.judge` | human: people in the ranking app"
@@ -416,13 +419,21 @@ class DemoConfig:
     iterations: int = help_field(
         2, "rounds of sample -> rank -> reward model -> PPO (the second ranks the first's PPO answers)"
     )
-    best_of: int = help_field(4, "sampled answers per prompt from which a demonstration is picked")
-    sft_steps: int = help_field(24, "SFT optimizer steps (two passes over the demonstrations)")
+    best_of: int = help_field(
+        4, "constraints task: sampled answers per prompt from which a demonstration is picked"
+    )
+    sft_steps: int = help_field(
+        0, "SFT optimizer steps of 4 demonstrations; 0: the task's (constraints 24, ifeval 160: two passes)"
+    )
     k: int = help_field(6, "answers per prompt to rank")
     noise: float = help_field(0.05, "the simulated labeler's noise")
     tie_margin: float = help_field(0.1, "the simulated labeler ties answers whose scores differ by less")
-    rm_epochs: float = help_field(2.0, "reward model passes over the rankings")
-    ppo_steps: int = help_field(35, "PPO steps per iteration, each 8 prompts x 4 answers")
+    rm_epochs: float = help_field(
+        0.0, "reward model passes over the rankings; 0: the task's (constraints 2, ifeval 1)"
+    )
+    ppo_steps: int = help_field(
+        0, "PPO steps per iteration, each 8 prompts x 4 answers; 0: the task's (constraints 35, ifeval 24)"
+    )
     max_new_tokens: int = help_field(
         0,
         "longest answer in tokens in training and the held-out eval; 0: the task's (constraints 48, ifeval 160)",

@@ -136,6 +136,7 @@ KINDS = {
                     "Write your whole reply in lowercase letters only and capitalize nothing.",
                     "No capital letters anywhere please: lowercase from start to end.",
                     "Keep every letter of the answer lowercase.",
+                    "Respond in English using small letters throughout, with no uppercase at all.",
                 )
             },
         ),
@@ -146,6 +147,7 @@ KINDS = {
                     "Answer entirely in uppercase letters.",
                     "Write all of it in CAPITAL LETTERS, every single word.",
                     "Every letter you write must be a capital one.",
+                    "Respond in English with every letter in uppercase.",
                 )
             },
         ),
@@ -169,6 +171,8 @@ KINDS = {
                 "": (
                     "Start by copying my request above exactly as written (not this sentence) and then answer it.",
                     "Begin your reply by restating everything before this sentence word for word; only then respond.",
+                    "Before answering, write out my request above without changing a word (leave out this "
+                    "instruction), then give your answer.",
                 )
             },
         ),
@@ -178,6 +182,7 @@ KINDS = {
                 "": (
                     "Give two different answers with a line of six asterisks (******) between them.",
                     "Write two separate versions and put ****** between the two.",
+                    "Provide two different replies, divided by a row of six asterisks (******).",
                 )
             },
         ),
@@ -217,6 +222,7 @@ KINDS = {
                 "": (
                     "Format the entire reply as JSON.",
                     "Return your answer as one valid JSON object with nothing outside it.",
+                    "Your whole output must be valid JSON; a markdown code block around it is fine.",
                 )
             },
         ),
@@ -349,6 +355,7 @@ KINDS = {
                 "": (
                     'End your reply with the exact words "{phrase}" and write nothing after them.',
                     'The last words of the answer must be "{phrase}"',
+                    'Close your response with exactly this phrase and add nothing after it: "{phrase}"',
                 )
             },
             _ending,
@@ -359,6 +366,7 @@ KINDS = {
                 "": (
                     "Put the whole reply inside double quotation marks.",
                     "Wrap everything you write in double quotes from the first word to the last.",
+                    "Enclose the complete response in one pair of double quotation marks.",
                 )
             },
         ),

@@ -22,10 +22,11 @@ from chatrlhf.configs import DemoConfig, IFEvalConfig, PipelineConfig, SamplingC
 from chatrlhf.errors import UserError
 from chatrlhf.ifeval.benchmark import METRICS, Answer, paired, score
 from chatrlhf.ifeval.checkers import IFEvalItem, check, load_items
-from chatrlhf.ifeval.task import make_prompts, split_topics
+from chatrlhf.ifeval.task import conflicts, make_prompts, split_topics
 from chatrlhf.runs import PipelineRun, atomic_write_jsonl, atomic_write_text, save_figure
 
-SFT_PROMPTS, TRAIN_PROMPTS, HELD_OUT_PROMPTS = 160, 128, 96
+SFT_PROMPTS, TRAIN_PROMPTS, HELD_OUT_PROMPTS = 320, 128, 96
+DRAFT_TOKENS = 256  # a draft long enough for the longest length instruction the task draws (120 words)
 # start -> SFT -> PPO, as the report names them
 MODELS = (("start", "starting model", "tab:grey"), ("sft", "SFT", "tab:blue"), ("ppo", "PPO", "tab:orange"))
 PAIRS = (("ppo", "start"), ("ppo", "sft"), ("sft", "start"))
@@ -240,13 +241,8 @@ def score_models(cfg: DemoConfig, pipe_cfg: PipelineConfig, policy: str, console
 
 
 def run(cfg: DemoConfig) -> dict:
-    from chatrlhf.demo_pipeline import (
-        answer_tokens,
-        best_of_n_demonstrations,
-        data_dir,
-        model_depth,
-        pipeline_config,
-    )
+    from chatrlhf.demo_pipeline import data_dir, model_depth, pipeline_config
+    from chatrlhf.ifeval.edit import demonstrations, drafts, ranking_tasks
     from chatrlhf.models import resolve_model
     from chatrlhf.pipeline import run as run_pipeline
 
@@ -256,20 +252,22 @@ def run(cfg: DemoConfig) -> dict:
     load_items(bench.prompts, bench.limit, bench.seed)
     data = data_dir(cfg)
     sft_rows = write_data(cfg, data)
-    demos = data / "demonstrations.jsonl"
-    if not (cfg.resume and demos.exists()):
-        console.rule("[bold]demonstrations: best of N sampled answers by lm-eval's checkers")
-        rows = best_of_n_demonstrations(
-            resolve_model(cfg.model), sft_rows, cfg.best_of, cfg.seed, answer_tokens(cfg), temperature=0.7
-        )
+    demos, tasks = data / "demonstrations.jsonl", data / "ranking_tasks.jsonl"
+    if not (cfg.resume and demos.exists() and tasks.exists()):
+        console.rule("[bold]demonstrations: the model's drafts, edited to follow every instruction")
+        texts = drafts(resolve_model(cfg.model), sft_rows, cfg.seed, DRAFT_TOKENS, console)
+        rows = demonstrations(sft_rows, texts, cfg.seed)
         if not rows:
             raise UserError(
-                f"demo --task ifeval: none of the {cfg.best_of} answers sampled for any of the {len(sft_rows)} "
-                "SFT prompts followed all its instructions; raise --best_of"
+                f"demo --task ifeval: no draft of the {len(sft_rows)} SFT prompts could be edited to follow "
+                "all its instructions (drafts that are too short, or a model that answers in another language)"
             )
+        atomic_write_jsonl(tasks, ranking_tasks(sft_rows, texts, cfg.seed + 3, conflicts()))
         atomic_write_jsonl(demos, rows)
-        console.print(f"{len(rows)}/{len(sft_rows)} prompts have an answer that follows every instruction")
-    pipe_cfg = pipeline_config(cfg, data, model_depth(cfg.model))
+        console.print(
+            f"{len(rows)}/{len(sft_rows)} drafts edited to follow every instruction (lm-eval's checkers)"
+        )
+    pipe_cfg = replace(pipeline_config(cfg, data, model_depth(cfg.model)), ranking_tasks=str(tasks))
     result = run_pipeline(pipe_cfg)
     if "waiting" in result:
         return result

@@ -76,14 +76,18 @@ def _pick_kinds(rng: random.Random, n: int, table: dict[str, set[str]]) -> list[
     return sorted(picked, key=lambda k: k == "combination:repeat_prompt")
 
 
-def make_prompt(rng: random.Random, topic: str, key: str, table: dict[str, set[str]]) -> dict:
-    """One IFEval-format record about `topic`: a request and 1-3 instructions with their kwargs."""
-    if rng.random() < 0.04:  # constrained_response conflicts with every other instruction
+def make_prompt(
+    rng: random.Random, topic: str, key: str, table: dict[str, set[str]], request: str = ""
+) -> dict:
+    """One IFEval-format record about `topic`: a request (drawn, or the one given) and 1-3 instructions with
+    their kwargs."""
+    if request.endswith("?") or (not request and rng.random() < 0.04):
+        # constrained_response asks a yes/no question, and conflicts with every other instruction
         names = ["detectable_format:constrained_response"]
-        request = rng.choice(QUESTIONS).format(topic=topic)
+        request = request or rng.choice(QUESTIONS).format(topic=topic)
     else:
         names = _pick_kinds(rng, rng.choices((1, 2, 3), weights=(55, 33, 12))[0], table)
-        request = rng.choice(REQUESTS).format(topic=topic)
+        request = request or rng.choice(REQUESTS).format(topic=topic)
     sentences, kwargs = [request], []
     for name in names:
         kind = KINDS[name]
@@ -99,6 +103,7 @@ def make_prompt(rng: random.Random, topic: str, key: str, table: dict[str, set[s
         "instruction_id_list": names,
         "kwargs": kwargs,
         "topic": topic,
+        "request": request,
     }
 
 
