@@ -2,11 +2,13 @@
 
 The prompts (`ifeval.task`) carry IFEval's kinds of instruction on the demo's own topics; the rule judge scores an
 answer by the share of them that lm-eval's checkers say it follows, and of naming the topic. Demonstrations are
-the best of N answers sampled at temperature 0.7 where one follows everything (the prompt is left out otherwise:
-no answer is written for it); a simulated labeler ranks K answers with that judge plus noise; the reward model
-learns from the rankings alone; PPO runs in rounds as the built-in demo does. At the end the starting model, the SFT model and the PPO policy
-answer IFEval's own prompts with the same greedy decoding, and `report.md` opens with their accuracy per
-instruction type. The starting model's IFEval answers are cached by checkpoint hash, so a second run skips them.
+the model's drafts to the bare requests, edited by code until the checkers pass them (`ifeval.edit`); the same
+drafts, edited to follow all, some or none of a prompt's instructions, are ranking tasks written ahead, ranked
+by the simulated labeler with the first round's sampled answers (checkers plus noise); the reward model learns
+from the rankings alone; PPO runs in rounds as the built-in demo does. At the end the starting model, the SFT
+model and the PPO policy answer IFEval's own prompts with the same greedy decoding, and `report.md` opens with
+their accuracy per instruction type. The starting model's IFEval answers are cached by checkpoint hash, so a
+second run skips them.
 """
 
 from __future__ import annotations
