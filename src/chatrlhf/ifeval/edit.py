@@ -1,7 +1,7 @@
 """Demonstrations written by code for the IFEval-format task: a draft answer to the bare request, edited until
 lm-eval's checkers say it follows every instruction of the prompt, as a labeler rewrites a draft.
 
-A small model rarely follows three instructions at once by chance (best of 8 samples found an answer for one
+A small model rarely follows three instructions at once by chance (best of 4 samples found an answer for one
 prompt in five), so SFT had little to learn from. Here the model's own plain answer keeps its content and
 voice; code lays it out (bullets, sections, paragraphs), adds what is asked (a title, a postscript, keywords,
 placeholders, an ending), cuts or extends its length, and changes case and punctuation last. Whatever the edit
@@ -16,7 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from chatrlhf.ifeval.checkers import IFEvalItem, follows
+from chatrlhf.ifeval.checkers import IFEvalItem, instruction_constraints
 
 FILLERS = (  # no comma, none of the forbidden-word list, none of the letters q z x j k
     "There is always something new to notice about {topic}.",
@@ -52,7 +52,7 @@ OTHER_SHARE = 0.5
 
 @dataclass
 class Draft:
-    """The sentences of an answer and what the edits know: the topic, which sentences they added."""
+    """The sentences of an answer and what the edits know: the topic, the fewest sentences the layout uses."""
 
     topic: str
     sentences: list[str]
@@ -277,19 +277,16 @@ def comply(record: dict, draft_answer: str, rng: random.Random) -> str | None:
         return None
     if not any(record["topic"].lower() in s.lower() for s in draft.sentences):
         draft.sentences.insert(0, FILLERS[0].format(topic=record["topic"]))
-    while len(draft.sentences) < _needed(record):
+    while len(draft.sentences) < draft.floor:
         if not draft.add_filler():
             return None
+    constraints = instruction_constraints(record["prompt"], record)
     for _ in range(MAX_EDITS):
         text = render(record, draft)
-        failing = [
-            (kind, args)
-            for kind, args in zip(record["instruction_id_list"], record["kwargs"])
-            if not follows(kind, {k: v for k, v in (args or {}).items() if v}, record["prompt"], text)
-        ]
+        failing = [c for c in constraints if not c.met(text)]
         if not failing:
             return text
-        if not _fix(record, draft, *failing[0]):
+        if not _fix(record, draft, failing[0].kind, failing[0].kwargs):
             return None
     return None
 
