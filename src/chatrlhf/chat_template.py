@@ -100,8 +100,19 @@ def _end_of_turn(tokenizer, text: str, start: int, end: int) -> int:
 
 def sequence_ids(tokenizer, prompt: list[dict], response: str, system_prompt: str = "") -> list[int]:
     """Prompt + answer rendered by the shared renderer, cut after the answer's end-of-turn token."""
+    return answer_ids(tokenizer, prompt, response, system_prompt)[0]
+
+
+def answer_ids(
+    tokenizer, prompt: list[dict], response: str, system_prompt: str = ""
+) -> tuple[list[int], int]:
+    """`sequence_ids` and the index of the answer's first token in it (what a model is scored on)."""
     rendered = render(
         tokenizer, prompt + [{"role": "assistant", "content": response}], system_prompt=system_prompt
     )
-    last = max(i for i, m in enumerate(rendered.assistant_mask) if m)
-    return rendered.input_ids[: last + 1]
+    mask = rendered.assistant_mask
+    last = max(i for i, m in enumerate(mask) if m)
+    start = last
+    while start > 0 and mask[start - 1]:  # earlier assistant turns of the prompt are marked too
+        start -= 1
+    return rendered.input_ids[: last + 1], start

@@ -83,6 +83,12 @@ COMMANDS = {
         "export",
         "write the collected rankings as JSONL for the reward stage",
     ),
+    "dpo": Command(
+        "chatrlhf.dpo",
+        "DPOConfig",
+        "train",
+        "DPO (pairwise, or listwise over whole rankings) from rankings, no reward model",
+    ),
     "ppo": Command("chatrlhf.ppo", "PPOConfig", "train", "PPO against a reward model (stage 3)"),
     "pipeline": Command(
         "chatrlhf.pipeline",

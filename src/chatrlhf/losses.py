@@ -124,6 +124,26 @@ def leave_one_out_advantages(
     return advantages, total[:, None] * mask
 
 
+def group_normalized_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's advantages (Shao et al. 2024, outcome supervision): each answer's return (its score minus the
+    KL penalty summed over its tokens) minus the mean return of its prompt's group, divided by the group's
+    standard deviation, at every one of its tokens. A group whose returns are all equal gets 0.
+
+    rewards, mask: (B, T), B = prompts x group_size with a prompt's answers consecutive; group_size >= 2.
+    Returns (advantages, returns), each (B, T), zero on padding.
+    """
+    assert group_size >= 2 and rewards.shape[0] % group_size == 0, (rewards.shape, group_size)
+    mask = mask.to(rewards.dtype)
+    total = (rewards * mask).sum(1)
+    grouped = total.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    spread = grouped.std(1, keepdim=True)
+    advantages = torch.where(spread > eps, centred / (spread + eps), torch.zeros_like(centred))
+    return advantages.reshape(-1)[:, None] * mask, total[:, None] * mask
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -167,3 +187,57 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual = returns - values
     var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
     return 1 - var_residual / var_returns.clamp(min=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# preference optimisation from rankings (DPO and its listwise forms); a score here is an answer's implicit
+# reward beta * (log pi(y|x) - log pi_ref(y|x))
+
+
+def dpo_pair_losses(margins: torch.Tensor, beta: float, kind: str) -> torch.Tensor:
+    """The loss of each pair from its margin h = log-ratio(winner) - log-ratio(loser), where a log-ratio is
+    log pi(y|x) - log pi_ref(y|x) summed over the answer's tokens. sigmoid (DPO, Rafailov et al. 2023):
+    -log sigmoid(beta h); ipo (Azar et al. 2023): (h - 1/(2 beta))^2. margins: (P,). Returns (P,)."""
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * margins)
+    if kind == "ipo":
+        return (margins - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss {kind!r}")
+
+
+def plackett_luce_loss(scores: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Negative log-likelihood of a ranking under Plackett-Luce (as in PRO, Song et al. 2023): going down
+    the ranking, each answer is chosen from itself and every answer ranked strictly below it. Answers that
+    tie are not compared with each other. The mean over the answers that have one below them, so a ranking
+    of K = 2 gives -log sigmoid(s_winner - s_loser), pairwise DPO.
+
+    scores: (K,); ranks: K ints, 1 is best, not all equal. Returns a scalar.
+    """
+    r = torch.tensor(ranks, device=scores.device)
+    below = r[None, :] > r[:, None]  # below[i, j]: j is ranked under i
+    choice = below | torch.eye(len(ranks), dtype=torch.bool, device=scores.device)
+    logits = scores[None, :].expand(len(ranks), -1).masked_fill(~choice, float("-inf"))
+    nll = torch.logsumexp(logits, dim=1) - scores
+    return nll[below.any(1)].mean()
+
+
+def lambda_weights(scores: torch.Tensor, ranks: list[int], pairs: torch.Tensor) -> torch.Tensor:
+    """LiPO-lambda's weight of each pair (Liu et al. 2024): |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|, the
+    gain G = 2^psi - 1 of a label score psi that runs from 1 (best rank) to 0 (worst) evenly by rank, and
+    the discount D(tau) = log2(1 + tau) of the place tau (1 is first) in the order of the current scores.
+    Pairs the model already orders well, far apart in the ranking, weigh less than close calls it gets
+    wrong. Scaled to mean 1 over the prompt's pairs (a prompt weighs as in pairwise DPO; with K = 2 the
+    weight is 1); no gradient.
+
+    scores: (K,); ranks: K ints, 1 is best; pairs: (P, 2) long (winner, loser). Returns (P,).
+    """
+    r = torch.tensor(ranks, dtype=torch.float32, device=scores.device)
+    psi = (r.max() - r) / (r.max() - r.min())
+    gain = 2.0**psi - 1
+    order = torch.argsort(scores.detach().float(), descending=True, stable=True)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(1, len(ranks) + 1, device=scores.device)
+    inverse_discount = 1 / torch.log2(1 + place.float())
+    w, lo = pairs[:, 0], pairs[:, 1]
+    weights = (gain[w] - gain[lo]).abs() * (inverse_discount[w] - inverse_discount[lo]).abs()
+    return weights / weights.mean().clamp(min=1e-12)

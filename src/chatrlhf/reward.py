@@ -12,11 +12,9 @@ the loss is the mean of -log sigmoid(r_w - r_l) over that prompt's pairs; ties m
 from __future__ import annotations
 
 import json
-import random
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from chatrlhf.data import load_demonstrations
 from chatrlhf.errors import UserError
 from chatrlhf.forward import reward_scores, shared_prompt_scores
 from chatrlhf.harness import autocast, check_config
-from chatrlhf.losses import ranking_loss, ranking_pairs
+from chatrlhf.losses import ranking_loss
 from chatrlhf.models import (
     apply_lora,
     freeze_bottom,
@@ -41,68 +39,10 @@ from chatrlhf.models import (
     unwrap,
 )
 from chatrlhf.preferences import Ranking, load_rankings
+from chatrlhf.ranked import RankedItem, independent_pairs, split_by_prompt, tokenize_rankings
 from chatrlhf.records import DataError, InvalidRecords
 from chatrlhf.runs import data_lineage
 from chatrlhf.training import Stage, fit
-
-
-@dataclass
-class RankedItem:
-    """One prompt's K answers, tokenized, with the pairs their ranks make."""
-
-    sequences: list[list[int]]  # K x (T_k,) prompt + answer, ending at the answer's end-of-turn token
-    pairs: list[tuple[int, int]]  # (winner, loser) indices
-
-
-# --------------------------------------------------------------------------------------------------
-# model
-
-
-def tokenize_rankings(
-    rankings: Sequence[Ranking], tokenizer, max_length: int, truncation: bool, system_prompt: str = ""
-) -> list[RankedItem]:
-    items, dropped = [], 0
-    for r in rankings:
-        seqs = [sequence_ids(tokenizer, r.prompt, resp, system_prompt) for resp in r.responses]
-        longest = max(len(s) for s in seqs)
-        if longest > max_length:
-            if not truncation:
-                raise DataError(
-                    f"{r.where}: field `responses`: {longest} tokens with the prompt, more than "
-                    f"data.max_length={max_length} (raise it, or set data.truncation: true to drop such records)"
-                )
-            dropped += 1
-            continue
-        items.append(RankedItem(seqs, ranking_pairs(r.ranks)))
-    if dropped:
-        print(f"warning: {dropped} ranking(s) longer than data.max_length dropped", file=sys.stderr)
-    return items
-
-
-def split_by_prompt(
-    rankings: list[Ranking], fraction: float, seed: int
-) -> tuple[list[Ranking], list[Ranking]]:
-    """Hold out a share of the prompts: every ranking of one prompt lands on the same side."""
-    groups: dict[str, list[Ranking]] = defaultdict(list)
-    for r in rankings:
-        groups[json.dumps(r.prompt, sort_keys=True)].append(r)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    n_eval = round(len(keys) * fraction) if fraction > 0 else 0
-    if fraction > 0 and len(keys) > 1:
-        n_eval = min(max(n_eval, 1), len(keys) - 1)
-    held = set(keys[:n_eval])
-    train = [r for k in keys if k not in held for r in groups[k]]
-    return train, [r for k in keys[:n_eval] for r in groups[k]]
-
-
-def independent_pairs(items: Sequence[RankedItem]) -> list[RankedItem]:
-    return [
-        RankedItem([item.sequences[w], item.sequences[loser]], [(0, 1)])
-        for item in items
-        for w, loser in item.pairs
-    ]
-
 
 # --------------------------------------------------------------------------------------------------
 # the stage

@@ -1,14 +1,14 @@
 """Every command's configuration: the YAML schema and the command line of each stage.
 
 A config is a dataclass whose fields are the keys (nested dataclasses are nested mappings); `loader` reads them
-from YAML and `--dotted.key value` overrides, `choices` holds the closed choices as enums, `stages` and
+from YAML and `--dotted.key value` overrides, `choices` holds the closed choices as enums, `stages`, `loop` and
 `serving` the dataclasses. Only the standard library and PyYAML are imported here, so the pipeline, the demo and
 `chatrlhf --help` import these without loading any stage (or torch).
 
     shared          PromptData, TextData, RankingData, DemoData, SamplingConfig, LoraConfig, TrainConfig,
                     SupervisedConfig
-    stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig
-    around them     SampleConfig, LabelAutoConfig, EvalConfig, IFEvalConfig, PipelineConfig, DemoConfig
+    stages          SFTConfig, PretrainConfig, RewardConfig, ScoreConfig, PPOConfig, DPOConfig
+    loop            SampleConfig, LabelAutoConfig, EvalConfig, IFEvalConfig, PipelineConfig, DemoConfig
     serving         ChatConfig, ServeConfig, LabelServeConfig, LabelerAddConfig, LabelExportConfig
 """
 
@@ -18,10 +18,12 @@ from chatrlhf.configs.choices import (
     Choice,
     DemoFormat,
     DemoTask,
+    DPOLoss,
     Dtype,
     JudgeName,
     KLEstimator,
     Labeler,
+    Listwise,
     LogprobsFrom,
     LossWeighting,
     LRScheduler,
@@ -30,6 +32,14 @@ from chatrlhf.configs.choices import (
     ReportSink,
 )
 from chatrlhf.configs.loader import ConfigError, field_help, from_dict, load_config, save_config, to_dict
+from chatrlhf.configs.loop import (
+    DemoConfig,
+    EvalConfig,
+    IFEvalConfig,
+    LabelAutoConfig,
+    PipelineConfig,
+    SampleConfig,
+)
 from chatrlhf.configs.serving import (
     ChatConfig,
     LabelerAddConfig,
@@ -38,19 +48,14 @@ from chatrlhf.configs.serving import (
     ServeConfig,
 )
 from chatrlhf.configs.stages import (
-    DemoConfig,
     DemoData,
-    EvalConfig,
-    IFEvalConfig,
-    LabelAutoConfig,
+    DPOConfig,
     LoraConfig,
-    PipelineConfig,
     PPOConfig,
     PretrainConfig,
     PromptData,
     RankingData,
     RewardConfig,
-    SampleConfig,
     SamplingConfig,
     ScoreConfig,
     SFTConfig,
@@ -68,6 +73,8 @@ __all__ = [
     "DemoConfig",
     "DemoData",
     "DemoFormat",
+    "DPOConfig",
+    "DPOLoss",
     "DemoTask",
     "Dtype",
     "EvalConfig",
@@ -75,6 +82,7 @@ __all__ = [
     "JudgeName",
     "KLEstimator",
     "LRScheduler",
+    "Listwise",
     "LabelAutoConfig",
     "LabelExportConfig",
     "LabelServeConfig",

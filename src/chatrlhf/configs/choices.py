@@ -65,6 +65,17 @@ class AdvantageEstimator(Choice):
     rloo = "rloo"
 
 
+class DPOLoss(Choice):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+
+
+class Listwise(Choice):
+    off = "off"
+    plackett_luce = "plackett_luce"
+    lipo = "lipo"
+
+
 class KLEstimator(Choice):
     k1 = "k1"
     k3 = "k3"

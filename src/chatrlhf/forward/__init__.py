@@ -2,12 +2,12 @@
 model, written once.
 
     plain           language model: collate + target_logits (LM losses), response_logits + gather_logprobs
-                    (answer log-probs); scalar head: backbone_hidden, scalar_head, reward_scores,
+                    (answer log-probs), answer_logprobs (a whole answer's); scalar head: backbone_hidden, scalar_head, reward_scores,
                     token_values, sequence_scores
     sharing         rows asking the same prompt run it once (prompt_groups, distinct_rows); trunk_hidden (the
                     first layers' output, for models that share them: Trunk, shares_trunk)
-    packed          shared_prompt_scores: one prompt and its K answers in one row, each answer attending
-                    to the prompt and to itself (segment attention)
+    packed          shared_prompt_scores, shared_prompt_logprobs: one prompt and its K answers in one row,
+                    each answer attending to the prompt and to itself (segment attention)
 
 Every function takes a model that may be wrapped by PEFT, and token tensors already on its device.
 """
@@ -18,9 +18,11 @@ from chatrlhf.forward.packed import (
     PackedRow,
     segment_attention,
     segment_attention_on,
+    shared_prompt_logprobs,
     shared_prompt_scores,
 )
 from chatrlhf.forward.plain import (
+    answer_logprobs,
     backbone_hidden,
     collate,
     gather_logprobs,
@@ -47,6 +49,7 @@ from chatrlhf.forward.sharing import (
 )
 
 __all__ = [
+    "answer_logprobs",
     "PACK_LIMIT",
     "SEGMENT_ATTENTION",
     "PackedRow",
@@ -67,6 +70,7 @@ __all__ = [
     "segment_attention",
     "segment_attention_on",
     "sequence_scores",
+    "shared_prompt_logprobs",
     "shared_prompt_scores",
     "shares_trunk",
     "target_logits",

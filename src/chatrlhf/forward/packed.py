@@ -1,5 +1,5 @@
 """Packed rows: a prompt forwarded once for its K answers, each answer attending to the prompt and to itself
-(segment attention), for the reward model's training and scoring."""
+(segment attention), for the reward model's training and scoring and for DPO's answer log-probs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import NamedTuple
 
 import torch
 
-from chatrlhf.forward.plain import backbone_hidden, reward_scores, scalar_head
+from chatrlhf.forward.plain import (
+    answer_logprobs,
+    backbone_hidden,
+    gather_logprobs,
+    reward_scores,
+    scalar_head,
+    unembed,
+)
 from chatrlhf.forward.sharing import _attention_mask
 from chatrlhf.models import unwrap
 
@@ -27,13 +34,55 @@ def shared_prompt_scores(
     prefix. Equal to `reward_scores` on the full sequences (scores and gradients); saves the prompt's
     compute K-1 times and every pad token. Returns (K,).
     """
-    shared = min(len(s) for s in sequences) - 1  # every answer keeps at least one token of its own
-    for i in range(shared):
-        if any(s[i] != sequences[0][i] for s in sequences):
-            shared = i
-            break
+    shared = _common_prefix(sequences, min(len(s) for s in sequences) - 1)
     if shared == 0:
         return reward_scores(model, sequences, pad_id, device)
+    scores = []
+    for tails in _rows(sequences, shared, limit):
+        hidden = _packed_hidden(model, sequences[0][:shared], tails, device)
+        ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
+        scores.append(scalar_head(model, hidden[ends]))
+    return torch.cat(scores)
+
+
+def shared_prompt_logprobs(
+    model, sequences: Sequence[list[int]], answer_start: int, device, limit: int = PACK_LIMIT
+) -> torch.Tensor:
+    """log p(answer | prompt) of K answers to one prompt, a causal LM forwarding the prompt once: the sum
+    of the log-probs of each sequence's tokens from `answer_start` on, packed as `shared_prompt_scores`
+    packs (the shared prefix stops at `answer_start`, so every answer token is its own). Equal to
+    `answer_logprobs` on the full sequences. Returns (K,) fp32."""
+    shared = _common_prefix(sequences, answer_start)
+    if shared == 0:
+        return answer_logprobs(model, sequences, answer_start, 0, device)
+    out = []
+    for tails in _rows(sequences, shared, limit):
+        hidden = _packed_hidden(model, sequences[0][:shared], tails, device)
+        at, where, targets, owner = shared, [], [], []
+        for k, tail in enumerate(tails):
+            skip = answer_start - shared  # answer tokens start this far into every tail
+            where += [(shared - 1 if j == 0 else at + j - 1) for j in range(skip, len(tail))]
+            targets += tail[skip:]
+            owner += [k] * (len(tail) - skip)
+            at += len(tail)
+        logprobs = gather_logprobs(unembed(model, hidden[where], 1.0), torch.tensor(targets, device=device))
+        sums = torch.zeros(len(tails), device=device).index_add(
+            0, torch.tensor(owner, device=device), logprobs
+        )
+        out.append(sums)
+    return torch.cat(out)
+
+
+def _common_prefix(sequences: Sequence[list[int]], most: int) -> int:
+    """Length of the longest prefix all sequences share, at most `most` tokens."""
+    for i in range(most):
+        if any(s[i] != sequences[0][i] for s in sequences):
+            return i
+    return most
+
+
+def _rows(sequences: Sequence[list[int]], shared: int, limit: int) -> list[list[list[int]]]:
+    """The tails after the shared prefix, grouped into rows of at most `limit` tokens with the prefix."""
     rows, row, size = [], [], shared
     for tail in (s[shared:] for s in sequences):
         if row and size + len(tail) > limit:
@@ -42,12 +91,12 @@ def shared_prompt_scores(
         row.append(tail)
         size += len(tail)
     rows.append(row)
-    prefix = sequences[0][:shared]
-    return torch.cat([_packed_scores(model, prefix, tails, device) for tails in rows])
+    return rows
 
 
-def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> torch.Tensor:
-    """The reward at the end of each tail, for one row of prefix + tails. Returns (len(tails),)."""
+def _packed_hidden(model, prefix: list[int], tails: list[list[int]], device) -> torch.Tensor:
+    """The last hidden states (L, D) of one row of prefix + tails, each tail attending to the prefix and to
+    itself, positions continuing the prefix's."""
     shared = len(prefix)
     ids = prefix + [t for tail in tails for t in tail]
     position_ids = list(range(shared)) + [shared + j for tail in tails for j in range(len(tail))]
@@ -63,8 +112,7 @@ def _packed_scores(model, prefix: list[int], tails: list[list[int]], device) -> 
         torch.tensor([position_ids], device=device),
         PackedRow.of(shared, [len(tail) for tail in tails], device),
     )
-    ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) + shared - 1
-    return scalar_head(model, hidden[0, ends])
+    return hidden[0]
 
 
 def _row_hidden(model, ids, mask, position_ids, row: PackedRow) -> torch.Tensor:

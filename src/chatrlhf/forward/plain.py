@@ -117,6 +117,26 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
 
 
+def answer_logprobs(
+    model, sequences: Sequence[list[int]], answer_start: int, pad_id: int, device
+) -> torch.Tensor:
+    """log p(answer | prompt) of each sequence: the sum of the causal LM's log-probs of its tokens from
+    `answer_start` on (right padding, masked; logits only where an answer token is predicted). (N,) fp32."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = backbone_hidden(model, ids, mask)
+    predicts = mask[:, answer_start:].bool()  # (N, width - answer_start): the answer tokens
+    rows = torch.arange(len(sequences), device=device)[:, None].expand_as(predicts)[predicts]
+    cols = torch.arange(answer_start, width, device=device)[None, :].expand_as(predicts)[predicts]
+    logprobs = gather_logprobs(unembed(model, hidden[rows, cols - 1], 1.0), ids[rows, cols])
+    return torch.zeros(len(sequences), device=device).index_add(0, rows, logprobs)
+
+
 def trunk_matches_full_forward(model, layers: int, vocab: int) -> bool:
     """Whether running the first `layers` layers, then the rest from their output, gives the full forward's
     logits for this model class (some decoders scale or mix their input embeddings, which a split would break).
