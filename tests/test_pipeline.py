@@ -171,6 +171,75 @@ def test_pipeline_twice_with_one_seed_gives_the_same_numbers(tiny_model, tmp_pat
     assert set(first["eval"]["success_rate"]) == {"policy", "baseline", "base"}
 
 
+@pytest.mark.parametrize("optimizer", ["dpo", "grpo"])
+def test_pipeline_runs_each_optimizer_from_the_same_sft_model_and_rankings(tiny_model, tmp_path, optimizer):
+    files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    out = tmp_path / optimizer
+    extra = ["--dpo.max_steps", "2", "--dpo.batch_size", "2"] if optimizer == "dpo" else []
+    result = chatrlhf(
+        "pipeline", "--config", cfg, *files, "--output_dir", str(out), "--optimizer", optimizer, *extra
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = list(_figures(out))
+    if optimizer == "dpo":
+        assert stages == ["sft", "iter1/sample", "iter1/label", "iter1/dpo", "eval"]
+        run = json.loads((out / "iter1" / "dpo" / "run.json").read_text())
+        assert run["lineage"]["reference"] == str(out / "sft")
+        assert run["config"]["data"]["train"] == str(out / "iter1" / "rankings.jsonl")
+        report = (out / "report.md").read_text()
+        assert "sample -> rank -> DPO" in report and "iteration 1: DPO | held-out implicit-reward" in report
+    else:
+        assert stages == ["sft", "iter1/sample", "iter1/label", "iter1/rm", "iter1/ppo", "eval"]
+        run = json.loads((out / "iter1" / "ppo" / "run.json").read_text())
+        assert run["config"]["advantage_estimator"] == "grpo" and run["config"]["samples_per_prompt"] == 4
+        assert not (out / "iter1" / "ppo" / "value").exists()
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())
+    assert evaluated["config"]["policy"] == str(out / "iter1" / optimizer.replace("grpo", "ppo"))
+
+
+def test_compare_runs_every_optimiser_from_the_same_sft_model_and_rankings(tiny_model, tmp_path):
+    from rich.console import Console
+
+    from chatrlhf import compare
+    from chatrlhf.configs import PipelineConfig, load_config
+
+    files, cfg_path = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    out = tmp_path / "run"
+    flags = [
+        *files,
+        "--output_dir",
+        str(out),
+        "--ppo.advantage_estimator",
+        "rloo",
+        "--ppo.samples_per_prompt",
+        "2",
+    ]
+    result = chatrlhf("pipeline", "--config", cfg_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(PipelineConfig, cfg_path, flags)
+    rows = compare.run(cfg, Console())["compare"]
+    assert [r["optimizer"] for r in rows] == list(compare.ARMS)
+    assert rows[0]["policy"] == str(out / "iter1" / "ppo")  # the demo's own first round, not trained again
+    for r in rows:
+        lo, hi = r["success_ci"]
+        assert 0 <= lo <= r["success"] <= hi <= 1 and r["train_seconds"] > 0 and r["kl"] == r["kl"]
+        assert r["sft_success"] == rows[0]["sft_success"]  # one SFT model, one held-out set
+    grpo = json.loads((out / "compare" / "grpo" / "run.json").read_text())
+    assert grpo["config"]["advantage_estimator"] == "grpo"
+    assert grpo["lineage"]["reward_model"] == str(out / "iter1" / "rm")
+    for folder, form in (("dpo", "off"), ("dpo_plackett-luce", "plackett_luce"), ("dpo_lipo-lambda", "lipo")):
+        run = json.loads((out / "compare" / folder / "run.json").read_text())
+        assert run["config"]["listwise"] == form and run["lineage"]["reference"] == str(out / "sft")
+        assert run["config"]["data"]["train"] == str(out / "iter1" / "rankings.jsonl")
+    report = (out / "report.md").read_text()
+    assert report.count("## Optimisers compared") == 1 and "| DPO, LiPO-λ |" in report
+    assert (out / "compare" / "compare.png").stat().st_size > 0
+    written = (out / "compare" / "dpo" / "run.json").stat().st_mtime
+    assert compare.run(cfg, Console())["compare"] == rows  # finished arms are read back
+    assert (out / "compare" / "dpo" / "run.json").stat().st_mtime == written
+    assert (out / "report.md").read_text().count("## Optimisers compared") == 1
+
+
 def test_pipeline_waits_for_people_then_resumes_without_redoing_stages(tiny_model, tmp_path):
     files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
     out = tmp_path / "run"

@@ -60,7 +60,7 @@ def ppo_config(tiny_model, prompts_file, out, **kw) -> PPOConfig:
     sampling = {k: kw.pop(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k") if k in kw}
     if kw.get("value_model") == "policy":  # the value head on the policy, no value model
         kw.update(value_model="", value_on_policy=True)
-    if kw.get("advantage_estimator") == "rloo":  # no value model to start
+    if kw.get("advantage_estimator") in ("rloo", "grpo") or kw.get("reward") == "judge":  # no model to start
         kw.setdefault("value_model", "")
     base.update(kw)
     return PPOConfig(**base, sampling=SamplingConfig(**{"max_new_tokens": 8, "temperature": 1.0, **sampling}))
@@ -376,6 +376,64 @@ def test_rloo_learns_without_a_value_model_and_resumes_exactly(tiny_model, token
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
 
 
+def test_grpo_learns_without_a_value_model(tiny_model, tokenizer, prompts_file, tmp_path):
+    grpo = dict(advantage_estimator="grpo", samples_per_prompt=4, batch_size=4, top_k=10)
+    cfg = ppo_config(tiny_model, prompts_file, tmp_path / "grpo", max_steps=12, **grpo)
+    train(cfg, reward_fn=low_half_reward(len(tokenizer)))
+    rows = [r for r in read_metrics(cfg.output_dir) if "ppo/reward" in r]
+    rewards = [r["ppo/reward"] for r in rows]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert "ppo/value_loss" not in rows[-1] and not (tmp_path / "grpo" / "value").exists()
+
+
+def test_reward_from_a_judge_scores_each_rollout_with_its_record(tiny_model, tmp_path):
+    from chatrlhf.judges import IFEvalJudge
+
+    records = [
+        {
+            "prompt": "Write about tea in all lowercase.",
+            "instruction_id_list": ["change_case:english_lowercase"],
+        },
+        {"prompt": "Name a river without commas.", "instruction_id_list": ["punctuation:no_comma"]},
+    ]
+    prompts = write_jsonl(tmp_path / "ifeval.jsonl", records)
+    cfg = ppo_config(
+        tiny_model, prompts, tmp_path / "judge", max_steps=2, batch_size=2, samples_per_prompt=2,
+        advantage_estimator="grpo", reward="judge", judge="ifeval", sample_every=1,
+    )  # fmt: skip
+    train(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "judge" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    by_prompt = {r["prompt"]: r for r in records}
+    judge = IFEvalJudge()
+    for s in samples:
+        meta = {"kwargs": [{}], **by_prompt[s["prompt"]]}
+        expected = judge.scores([{"role": "user", "content": s["prompt"]}], [s["response"]], meta)[0]
+        assert s["score"] == pytest.approx(expected)
+    run = json.loads((tmp_path / "judge" / "run.json").read_text())
+    assert run["lineage"]["reward_model"] == "judge ifeval"
+
+
+def test_reward_judge_refuses_a_reward_model_and_records_without_instructions(
+    tmp_path, tiny_model, prompts_file
+):
+    result = chatrlhf(
+        "ppo", "--model", tiny_model, "--reward_model", tiny_model, "--reward", "judge",
+        "--data.train", prompts_file, "--output_dir", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert result.returncode == 2 and "reward_model: with reward: judge" in result.stderr
+    result = chatrlhf(
+        "ppo", "--model", tiny_model, "--reward", "judge", "--judge", "ifeval", "--advantage_estimator", "rloo",
+        "--samples_per_prompt", "2", "--data.train", prompts_file, "--output_dir", str(tmp_path / "o"),
+        "--max_steps", "1", "--sampling.max_new_tokens", "4",
+    )  # fmt: skip
+    assert result.returncode == 2 and f"{prompts_file}:1" in result.stderr
+    assert (
+        "needs the record's field `instruction_id_list`" in result.stderr and "Traceback" not in result.stderr
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_old_logprobs_from_a_forward_are_the_reference_computation(
     tiny_model, tokenizer, prompts_file, tmp_path
 ):
@@ -432,7 +490,7 @@ def test_rloo_needs_two_answers_per_prompt(tmp_path, tiny_model, prompts_file):
         (["--advantage_estimator", "rloo"], "samples_per_prompt must be at least 2"),
         (
             ["--advantage_estimator", "vtrace"],
-            "`advantage_estimator` must be one of gae | rloo, got 'vtrace'",
+            "`advantage_estimator` must be one of gae | rloo | grpo, got 'vtrace'",
         ),
         (["--samples_per_prompt", "0"], "samples_per_prompt must be at least 1"),
     ):

@@ -9,6 +9,7 @@ import torch
 
 from chatrlhf.losses import (
     gae,
+    group_normalized_advantages,
     kl_penalty,
     leave_one_out_advantages,
     masked_mean,
@@ -108,3 +109,19 @@ def test_leave_one_out_baseline_is_the_mean_of_the_others():
     rewards = torch.tensor([[1.0], [2.0], [6.0]])
     adv, _ = leave_one_out_advantages(rewards, torch.ones(3, 1), group_size=3)
     assert torch.allclose(adv[:, 0], torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+
+
+def test_group_normalized_advantages_by_hand_and_an_equal_group_gets_zero():
+    # two prompts x three answers; returns 1, 2, 6 | 0.5, 0.5, 0.5 (a group whose rewards are all equal)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0], [6.0, 0.0], [0.5, 0.0], [0.25, 0.25], [0.5, 9.0]])
+    mask = torch.tensor([[1, 0], [1, 1], [1, 1], [1, 1], [1, 1], [1, 0]])
+    adv, ret = group_normalized_advantages(rewards, mask, group_size=3)
+    returns = torch.tensor([1.0, 2.0, 6.0])
+    std = math.sqrt(((returns - 3.0) ** 2).sum().item() / 2)  # the sample standard deviation
+    first = ((returns - 3.0) / std).tolist()
+    expected = torch.tensor(
+        [[first[0], 0.0], [first[1]] * 2, [first[2]] * 2, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    )
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert ret[:, 0].tolist() == pytest.approx([1.0, 2.0, 6.0, 0.5, 0.5, 0.5])
+    assert ret[0, 1] == 0 and ret[5, 1] == 0  # padding stays zero

@@ -18,6 +18,7 @@ STAGES = {
     "chatrlhf.sft",
     "chatrlhf.reward",
     "chatrlhf.ppo",
+    "chatrlhf.dpo",
     "chatrlhf.sample",
     "chatrlhf.eval",
     "chatrlhf.labeling.auto",

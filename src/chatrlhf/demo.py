@@ -126,6 +126,9 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.task == DemoTask.ifeval:
         from chatrlhf.ifeval import loop
 
+        if cfg.compare:
+            raise UserError("demo: --compare runs on the constraints task (leave --task at its default)")
+
         return loop.run(cfg)
     from chatrlhf.demo_pipeline import (
         answer_tokens,
@@ -156,4 +159,10 @@ def run(cfg: DemoConfig) -> dict:
         console.print(
             f"{picked}/{len(rows)} demonstrations picked from samples, {len(rows) - picked} written"
         )
-    return run_pipeline(pipeline_config(cfg, data, model_depth(cfg.model)))
+    pipe_cfg = pipeline_config(cfg, data, model_depth(cfg.model))
+    result = run_pipeline(pipe_cfg)
+    if cfg.compare:
+        from chatrlhf import compare
+
+        result.update(compare.run(pipe_cfg, console))
+    return result

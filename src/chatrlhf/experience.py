@@ -27,7 +27,14 @@ from chatrlhf.forward import (
     unembed,
 )
 from chatrlhf.generation import Generation, generate
-from chatrlhf.losses import gae, kl_penalty, leave_one_out_advantages, masked_whiten, token_rewards
+from chatrlhf.losses import (
+    gae,
+    group_normalized_advantages,
+    kl_penalty,
+    leave_one_out_advantages,
+    masked_whiten,
+    token_rewards,
+)
 from chatrlhf.ppo_models import Models
 
 RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], list[float]]  # (prompts, answers, ids)
@@ -111,7 +118,7 @@ def score_rollouts(
         del logits
     if models.value_head is not None:  # value_on_policy
         values = head_values(models.value_head, hidden) * gen.response_mask
-    elif models.value is None:  # rloo: the other answers to the prompt are the baseline
+    elif models.value is None:  # rloo, grpo: the other answers to the prompt are the baseline
         values = torch.zeros_like(ref_logprobs)
     else:
         value_trunk = trunk if models.value_shares_trunk else None
@@ -145,6 +152,8 @@ def make_experience(gen: Generation, scored: ScoredRollouts, cfg: PPOConfig, kl_
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     if cfg.advantage_estimator == "rloo":
         advantages, returns = leave_one_out_advantages(rewards, mask, cfg.samples_per_prompt)
+    elif cfg.advantage_estimator == "grpo":
+        advantages, returns = group_normalized_advantages(rewards, mask, cfg.samples_per_prompt)
     else:
         advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:

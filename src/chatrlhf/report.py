@@ -124,6 +124,21 @@ def _opening(paths: PipelineRun, cfg, result: EvalResult) -> list[str]:
     return lines
 
 
+LOOPS = {
+    "ppo": "reward model -> PPO",
+    "grpo": "reward model -> GRPO",
+    "rloo": "reward model -> RLOO",
+    "dpo": "DPO",
+}
+
+
+def _dpo_row(it: int, dpo: dict) -> str:
+    return (
+        f"| iteration {it}: DPO | held-out implicit-reward accuracy {_fmt(dpo.get('dpo/accuracy'))}, "
+        f"last step: loss {_fmt(dpo.get('dpo/loss'))}, train accuracy {_fmt(dpo.get('dpo/train_accuracy'))} |"
+    )
+
+
 def write_report(paths: PipelineRun, cfg, state: dict, result: EvalResult, eval_cfg) -> Path:
     """`report.md` of the pipeline run in `paths`, from its stage records (`state`) and the final evaluation."""
     out = paths.root
@@ -132,7 +147,7 @@ def write_report(paths: PipelineRun, cfg, state: dict, result: EvalResult, eval_
         f"# chatrlhf pipeline report: {out}",
         "",
         f"Starting model: `{cfg.model or 'SmolLM2-135M-Instruct (default)'}`; {cfg.iterations} iteration(s) of "
-        f"sample -> rank -> reward model -> PPO; labeler: {cfg.labeler}"
+        f"sample -> rank -> {LOOPS[cfg.optimizer]}; labeler: {cfg.labeler}"
         + (f" (judge `{cfg.label.judge}`, noise {cfg.label.noise})" if cfg.labeler == "auto" else "")
         + f"; seed {cfg.seed}.",
         "",
@@ -157,6 +172,9 @@ def write_report(paths: PipelineRun, cfg, state: dict, result: EvalResult, eval_
             f"| iteration {it}: rank | {lab.get('ranked', '-')} tasks ranked; labeler agreement "
             f"{_fmt(agreement) if agreement is not None else 'n/a (one labeler per task)'} |"
         )
+        if f"iter{it}/dpo" in stages:
+            lines.append(_dpo_row(it, stages[f"iter{it}/dpo"]))
+            continue
         lines.append(
             f"| iteration {it}: reward model | held-out accuracy {_fmt(rm.get('rm/accuracy'))}, "
             f"train accuracy {_fmt(rm.get('rm/train_accuracy'))} |"
@@ -177,6 +195,7 @@ def write_report(paths: PipelineRun, cfg, state: dict, result: EvalResult, eval_
     for it in range(1, cfg.iterations + 1):
         plots.append((f"reward model, iteration {it}", paths.rm(it) / "reward_curves.png"))
         plots.append((f"PPO, iteration {it}", paths.ppo(it) / "ppo_curves.png"))
+        plots.append((f"DPO, iteration {it}", paths.dpo(it) / "dpo_curves.png"))
     for title, path in plots:
         if path.exists():
             lines += [f"### {title}", "", f"![{title}]({path.relative_to(out)})", ""]

@@ -238,7 +238,7 @@ class PipelineRun:
     """Where each stage of a pipeline run writes, spelled once for the pipeline and its report:
 
     pipeline.json  pipeline_config.json  labels.db  report.md
-    sft/  iter{N}/rankings.jsonl  iter{N}/rm/  iter{N}/ppo/  eval/
+    sft/  iter{N}/rankings.jsonl  iter{N}/rm/  iter{N}/ppo/ (or iter{N}/dpo/)  eval/
     """
 
     def __init__(self, root: str | Path):
@@ -261,3 +261,6 @@ class PipelineRun:
 
     def ppo(self, it: int) -> Path:
         return self.iteration(it) / "ppo"
+
+    def dpo(self, it: int) -> Path:
+        return self.iteration(it) / "dpo"

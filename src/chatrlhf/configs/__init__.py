@@ -28,8 +28,11 @@ from chatrlhf.configs.choices import (
     LossWeighting,
     LRScheduler,
     OnInvalid,
+    Optimizer,
     RankingFormat,
     ReportSink,
+    RewardSource,
+    Verifier,
 )
 from chatrlhf.configs.loader import ConfigError, field_help, from_dict, load_config, save_config, to_dict
 from chatrlhf.configs.loop import (
@@ -92,6 +95,7 @@ __all__ = [
     "LoraConfig",
     "LossWeighting",
     "OnInvalid",
+    "Optimizer",
     "PPOConfig",
     "PipelineConfig",
     "PretrainConfig",
@@ -99,6 +103,7 @@ __all__ = [
     "RankingData",
     "RankingFormat",
     "ReportSink",
+    "RewardSource",
     "RewardConfig",
     "SFTConfig",
     "SampleConfig",
@@ -108,6 +113,7 @@ __all__ = [
     "SupervisedConfig",
     "TextData",
     "TrainConfig",
+    "Verifier",
     "field_help",
     "from_dict",
     "load_config",

@@ -63,6 +63,25 @@ class LossWeighting(Choice):
 class AdvantageEstimator(Choice):
     gae = "gae"
     rloo = "rloo"
+    grpo = "grpo"
+
+
+class Optimizer(Choice):
+    ppo = "ppo"
+    grpo = "grpo"
+    rloo = "rloo"
+    dpo = "dpo"
+
+
+class RewardSource(Choice):
+    model = "model"
+    judge = "judge"
+
+
+class Verifier(Choice):
+    rule = "rule"
+    reference = "reference"
+    ifeval = "ifeval"
 
 
 class DPOLoss(Choice):
@@ -89,6 +108,7 @@ class LogprobsFrom(Choice):
 class JudgeName(Choice):
     rule = "rule"
     reference = "reference"
+    ifeval = "ifeval"
     rm = "rm"
     llm = "llm"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chatrlhf.configs.choices import Benchmark, DemoTask, Dtype, JudgeName, Labeler
+from chatrlhf.configs.choices import Benchmark, DemoTask, Dtype, JudgeName, Labeler, Optimizer
 from chatrlhf.configs.loader import help_field
-from chatrlhf.configs.stages import PPOConfig, RewardConfig, SamplingConfig, SFTConfig
+from chatrlhf.configs.stages import DPOConfig, PPOConfig, RewardConfig, SamplingConfig, SFTConfig
 
 
 @dataclass
@@ -101,6 +101,12 @@ class PipelineConfig:
         "", "JSONL of ranking tasks written ahead (prompt records + `answers`), ranked with round 1's"
     )
     iterations: int = help_field(1, "rounds of sample -> rank -> reward model -> PPO")
+    optimizer: Optimizer = help_field(
+        Optimizer.ppo,
+        "ppo: a reward model, then PPO (InstructGPT) | grpo, rloo: a reward model, then PPO's loop with GRPO's "
+        "or RLOO's advantages, no value model (ppo.samples_per_prompt, at least 4) | dpo: DPO on the "
+        "rankings, no reward model",
+    )
     labeler: Labeler = help_field(
         Labeler.auto, "auto: a simulated labeler with `label.judge` | human: people in the ranking app"
     )
@@ -114,6 +120,9 @@ class PipelineConfig:
     sft: SFTConfig = help_field(SFTConfig(), "stage 1 settings (model, data.train, output_dir are set)")
     reward: RewardConfig = help_field(RewardConfig(), "stage 2 settings (starts from the SFT model)")
     ppo: PPOConfig = help_field(PPOConfig(), "stage 3 settings (policy, reference, reward model are set)")
+    dpo: DPOConfig = help_field(
+        DPOConfig(), "optimizer dpo: its settings (policy, reference, rankings are set)"
+    )
     eval: EvalConfig = help_field(EvalConfig(), "final evaluation (policy, baseline, prompts are set)")
 
 
@@ -154,6 +163,11 @@ class DemoConfig:
     ifeval_limit: int = help_field(0, "ifeval task: score a seeded sample of this many of them; 0: all")
     ifeval_max_new_tokens: int = help_field(
         512, "ifeval task: longest IFEval answer, the same for every model"
+    )
+    compare: bool = help_field(
+        False,
+        "constraints task: then PPO, GRPO, DPO, Plackett-Luce and LiPO-lambda DPO, one round each from the same "
+        "SFT model and rankings, side by side in compare/ and report.md",
     )
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")

@@ -18,6 +18,8 @@ from chatrlhf.configs.choices import (
     OnInvalid,
     RankingFormat,
     ReportSink,
+    RewardSource,
+    Verifier,
 )
 from chatrlhf.configs.loader import help_field
 
@@ -251,7 +253,17 @@ class PPOConfig(TrainConfig):
 
     data: PromptData = help_field(PromptData(), "prompts: {'prompt': str | messages} or {'messages': [...]}")
     output_dir: str = help_field("runs/ppo", "where the policy, value model, metrics and plots go")
+    reward: RewardSource = help_field(
+        RewardSource.model,
+        "model: the reward model's score (RLHF) | judge: the `judge`'s score (RL from a verifier)",
+    )
     reward_model: str = help_field("", "reward model checkpoint (output_dir of `chatrlhf reward`)")
+    judge: Verifier = help_field(
+        Verifier.rule,
+        "reward: judge scores each rollout with: rule (the constraints a prompt states or its record lists, "
+        "IFEval's instructions by lm-eval's checkers included) | ifeval (share of a record's IFEval "
+        "instructions followed) | reference (the record's `answer` or `reference`)",
+    )
     value_model: str = help_field(
         "", "checkpoint the separate value model starts from; empty: the reward model (InstructGPT)"
     )
@@ -278,7 +290,8 @@ class PPOConfig(TrainConfig):
     advantage_estimator: AdvantageEstimator = help_field(
         AdvantageEstimator.gae,
         "gae: a value model and GAE (InstructGPT) | rloo: each answer's return minus the mean return of "
-        "the other answers to its prompt, no value model (needs samples_per_prompt >= 2)",
+        "the other answers to its prompt | grpo: that return minus its prompt's mean, over their standard "
+        "deviation; rloo and grpo use no value model and need samples_per_prompt >= 2",
     )
     lr: float = help_field(3e-6, "peak learning rate of policy and value")
     warmup_ratio: float = help_field(0.0, "fraction of the steps with linear warmup")
