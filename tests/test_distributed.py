@@ -51,12 +51,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_two_processes_equal_one(stage, tiny_model, tmp_path):
     if stage == "sft":
         data, key = write_jsonl(tmp_path / "d.jsonl", demo_rows(24)), "train/loss"
     else:
-        data, key = write_jsonl(tmp_path / "d.jsonl", preference_rows(24, 3)), "rm/loss"
+        data = write_jsonl(tmp_path / "d.jsonl", preference_rows(24, 3))
+        key = "rm/loss" if stage == "reward" else "dpo/loss"
     common = [
         "--model",
         tiny_model,
@@ -75,7 +76,7 @@ def test_two_processes_equal_one(stage, tiny_model, tmp_path):
         "--dtype",
         "fp32",  # equal to float tolerance in fp32; bf16 sums in another order across processes
     ]
-    if stage == "reward":
+    if stage != "sft":
         common += ["--eval_fraction", "0"]
     run([stage, *common, "--grad_accum", "2", "--output_dir", str(tmp_path / "one")], processes=1)
     run([stage, *common, "--output_dir", str(tmp_path / "two")], processes=2)
