@@ -9,11 +9,13 @@ decay and no warm-up, KL coefficient 0.05 to the reference, every weight trainin
 framework trains in its own process:
 
 * TRL 1.16 (`.venv-trl`): `GRPOTrainer` or `RLOOTrainer` with the anchor's common settings (gradient
-  checkpointing off, fp32), `beta` 0.05 for both (GRPOTrainer's default 0 would skip its reference model);
+  checkpointing off, fp32, or `bf16=True` with `--dtype bf16`), `beta` 0.05 for both (GRPOTrainer's
+  default 0 would skip its reference model);
 * chatrlhf: `chatrlhf.ppo.train` with the same settings and the estimator named by `--trainer`.
 
     .venv/bin/python bench/grpo.py                       # GRPO: TRL, then chatrlhf
     .venv/bin/python bench/grpo.py --trainer rloo --out bench/out/rloo.jsonl
+    .venv/bin/python bench/grpo.py --dtype bf16          # both sides in bf16 (TRL mixed precision)
 
 completions/s = 32 completions / training wall time (TRL: `trainer.train()`; chatrlhf: the sum of its steps).
 stdout gets one JSON line per framework run, a summary JSON line and a short table; logs go to stderr.
@@ -41,14 +43,12 @@ def parent_main(args) -> None:
     if not args.skip_trl:
         common.TRL_VENV.ensure()
     common.ensure_model(shared, common.prepare_python())
-    flags = ["--trainer", args.trainer, "--threads", str(args.threads)]
+    flags = ["--trainer", args.trainer, "--threads", str(args.threads), "--dtype", args.dtype]
     run = {
         "trl": lambda: common.run_json_child(
             common.child_cmd(__file__, "--trl-child", *flags, python=common.TRL_VENV.python())
         ),
-        "chatrlhf": lambda: common.run_json_child(
-            common.child_cmd(__file__, "--child", *flags, "--dtype", args.dtype)
-        ),
+        "chatrlhf": lambda: common.run_json_child(common.child_cmd(__file__, "--child", *flags)),
     }
     common.run_comparison(args, run, summarize, print_table)
 
@@ -94,8 +94,8 @@ def print_table(summary: dict) -> None:
     if r["completions_per_s"] is not None:
         rows.append(("chatrlhf/TRL", f"{r['completions_per_s']:.2f}x", "", f"{r['peak_rss_mib']:.2f}x"))
     print(
-        f"\n{summary['trainer'].upper()}, 32 completions of 32 tokens (4 steps of 4 prompts x 2), fp32 TRL, "
-        f"chatrlhf {summary['chatrlhf_dtype']}, medians of {summary['repeat']} run(s):"
+        f"\n{summary['trainer'].upper()}, 32 completions of 32 tokens (4 steps of 4 prompts x 2), both in "
+        f"{summary['chatrlhf_dtype']}, medians of {summary['repeat']} run(s):"
     )
     common.print_rows(rows, 14, 16)
     common.print_goal(summary["goal"], ">= {ratio_min:.0f}x TRL's completions/s, peak RSS <= TRL's")
@@ -149,6 +149,7 @@ def trl_child_main(args) -> None:
                 beta=w["beta"],
                 shuffle_dataset=False,
                 log_completions=False,
+                bf16=args.dtype == "bf16",  # mixed precision, as chatrlhf's bf16 runs
             )
         )
         trainer = trainer_class(
@@ -168,7 +169,7 @@ def trl_child_main(args) -> None:
         "bench": "grpo",
         "framework": "trl",
         "trainer": f"{trainer_class.__module__}.{trainer_class.__name__}",
-        "dtype": "fp32",
+        "dtype": args.dtype,
         "steps": trainer.state.global_step,
         "completions": completions,
         "completions_per_s": round(completions / wall, 3),

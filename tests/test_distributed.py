@@ -45,10 +45,10 @@ def curve(out: Path, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa)
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
@@ -83,7 +83,9 @@ def test_two_processes_equal_one(stage, tiny_model, tmp_path):
     one, two = curve(tmp_path / "one", key), curve(tmp_path / "two", key)
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-5)
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # DPO's first steps give embedding rows gradients near zero, which Adam scales up to full steps, so the
+    # summation order's rounding shows there (measured 1.8e-5 on weights of ~0.1); the loss curves agree to 1e-7
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=5e-5 if stage == "dpo" else 1e-5)
     # only the main process wrote: one metrics line per step
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3
 

@@ -142,5 +142,5 @@ def test_sample_refuses_bad_input_before_writing(tiny_model, tmp_path):
     result = chatrlhf("label", "auto", "--db", str(tmp_path / "x.db"), "--judge", "magic")
     assert (
         result.returncode == 2
-        and "`judge` must be one of rule | reference | rm | llm, got 'magic'" in result.stderr
+        and "`judge` must be one of rule | reference | ifeval | rm | llm, got 'magic'" in result.stderr
     )
