@@ -49,7 +49,10 @@ def test_closed_choices_are_checked_when_read_and_listed_in_help():
         load_config(SFTConfig, None, ["--dtype", "fp16"])
     assert load_config(SFTConfig, None, ["--dtype", "bf16"]).dtype is Dtype.bf16
     rows = {name: (text, default) for name, text, default in field_help(PPOConfig)}
-    assert rows["advantage_estimator"][0].endswith("(gae | rloo | grpo)") and rows["advantage_estimator"][1] == "gae"
+    assert (
+        rows["advantage_estimator"][0].endswith("(gae | rloo | grpo)")
+        and rows["advantage_estimator"][1] == "gae"
+    )
 
 
 def test_a_key_the_command_does_not_read_is_refused_naming_it(tmp_path):
