@@ -227,6 +227,8 @@ def test_compare_runs_every_optimiser_from_the_same_sft_model_and_rankings(tiny_
     grpo = json.loads((out / "compare" / "grpo" / "run.json").read_text())
     assert grpo["config"]["advantage_estimator"] == "grpo"
     assert grpo["lineage"]["reward_model"] == str(out / "iter1" / "rm")
+    verifier = json.loads((out / "compare" / "grpo_from_the_judge" / "run.json").read_text())
+    assert verifier["config"]["reward"] == "judge" and verifier["lineage"]["reward_model"] == "judge rule"
     for folder, form in (("dpo", "off"), ("dpo_plackett-luce", "plackett_luce"), ("dpo_lipo-lambda", "lipo")):
         run = json.loads((out / "compare" / folder / "run.json").read_text())
         assert run["config"]["listwise"] == form and run["lineage"]["reference"] == str(out / "sft")
@@ -285,6 +287,15 @@ def test_pipeline_waits_for_people_then_resumes_without_redoing_stages(tiny_mode
     assert "iter1/rm: finished earlier, skipped" in result.stdout
     assert (out / "iter1" / "rm" / "run.json").stat().st_mtime_ns == rm_written
     assert list(_figures(out))[-2:] == ["iter1/ppo", "eval"]
+
+
+def test_pipeline_refuses_a_judge_reward_in_its_ppo_section(tiny_model, tmp_path):
+    files, cfg = _pipeline_files(tmp_path), _config(tmp_path, tiny_model)
+    result = chatrlhf(
+        "pipeline", "--config", cfg, *files, "--output_dir", str(tmp_path / "o"), "--ppo.reward", "judge"
+    )
+    assert result.returncode == 2 and "`ppo.reward: judge` would leave" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
 
 
 def test_pipeline_refuses_missing_files(tmp_path):

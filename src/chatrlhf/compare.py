@@ -1,7 +1,8 @@
 """`chatrlhf demo --compare true`: every optimiser from the same SFT model and the same rankings, side by side.
 
 After the demo's loop, each optimiser runs one round from the demo's SFT model on round 1's rankings: PPO as the
-demo runs it (leave-one-out advantages) and GRPO against round 1's reward model, DPO, Plackett-Luce DPO and
+demo runs it (leave-one-out advantages) and GRPO against round 1's reward model; GRPO rewarded by the labelers'
+judge itself (RL from a verifier: what the reward model from rankings costs or gives); DPO, Plackett-Luce DPO and
 LiPO-lambda DPO on the rankings themselves, with the adapters of the demo's PPO. Each policy
 answers the held-out prompts and the rule judge scores them, as the demo's eval does. `compare/compare.md` (and
 a section of `report.md`) holds the table: held-out every-constraint-met rate with its 95% interval, the paired
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from chatrlhf.configs import DPOConfig, PipelineConfig, RankingData
+from chatrlhf.configs import DPOConfig, PipelineConfig, RankingData, Verifier
 from chatrlhf.runs import PipelineRun, atomic_write_text, save_figure
 
-ARMS = ("PPO (RLOO)", "GRPO", "DPO", "DPO, Plackett-Luce", "DPO, LiPO-λ")
+ARMS = ("PPO (RLOO)", "GRPO", "GRPO from the judge", "DPO", "DPO, Plackett-Luce", "DPO, LiPO-λ")
 DPO_FORMS = {"DPO": "off", "DPO, Plackett-Luce": "plackett_luce", "DPO, LiPO-λ": "lipo"}
 
 
@@ -51,13 +52,16 @@ def _train(arm: str, cfg: PipelineConfig, paths: PipelineRun, folder: Path) -> N
             )
         )
         return
-    estimator = "grpo" if arm == "GRPO" else "rloo"
+    estimator = "rloo" if arm == "PPO (RLOO)" else "grpo"
+    verifier = arm == "GRPO from the judge"  # the labelers' judge itself as the reward: no rankings, no RM
     ppo.train(
         replace(
             cfg.ppo,
             model=sft,
             reference_model=sft,
-            reward_model=str(paths.rm(1)),
+            reward="judge" if verifier else "model",
+            judge=Verifier(str(cfg.label.judge)) if verifier else cfg.ppo.judge,
+            reward_model="" if verifier else str(paths.rm(1)),
             output_dir=str(folder),
             data=replace(cfg.ppo.data, train=cfg.prompts),
             advantage_estimator=estimator,
@@ -99,7 +103,8 @@ def run(cfg: PipelineConfig, console: Console) -> dict:
     paths = PipelineRun(cfg.output_dir)
     out = paths.root / "compare"
     rows = []
-    for arm in ARMS:
+    verifiable = str(cfg.label.judge) in Verifier.values()  # a model judge (rm, llm) is no verifier
+    for arm in [a for a in ARMS if verifiable or a != "GRPO from the judge"]:
         folder = out / _folder(arm)
         done = folder / "result.json"
         if done.exists():

@@ -102,6 +102,11 @@ def check_config(cfg: PipelineConfig) -> None:
         read_tasks(cfg.ranking_tasks, {})  # a bad file stops here, before anything is trained
     if cfg.iterations < 1:
         raise UserError("pipeline: --iterations must be at least 1")
+    if cfg.ppo.reward == "judge":
+        raise UserError(
+            "pipeline: `ppo.reward: judge` would leave the rankings' reward model unused; run "
+            "`chatrlhf ppo --reward judge` on its own (`chatrlhf demo --compare true` shows both on the demo)"
+        )
     _check_sections(cfg)
     if cfg.label.noise < 0 or cfg.label.tie_margin < 0:
         raise UserError("pipeline: label.noise and label.tie_margin must be 0 or more")
