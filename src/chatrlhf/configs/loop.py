@@ -167,7 +167,7 @@ class DemoConfig:
     compare: bool = help_field(
         False,
         "constraints task: then PPO, GRPO, DPO, Plackett-Luce and LiPO-lambda DPO, one round each from the same "
-        "SFT model and rankings, side by side in compare/ and report.md",
+        "SFT model and rankings, and GRPO rewarded by the judge itself, side by side in compare/ and report.md",
     )
     seed: int = help_field(1234, "random seed")
     resume: bool = help_field(False, "continue an interrupted demo in output_dir")
