@@ -1,12 +1,13 @@
 """`chatrlhf demo --compare true`: every optimiser from the same SFT model and the same rankings, side by side.
 
-After the demo's loop, each optimiser runs one round from the demo's SFT model on round 1's rankings: PPO as the
-demo runs it (leave-one-out advantages) and GRPO against round 1's reward model; GRPO rewarded by the labelers'
-judge itself (RL from a verifier: what the reward model from rankings costs or gives); DPO, Plackett-Luce DPO and
-LiPO-lambda DPO on the rankings themselves, with the adapters of the demo's PPO. Each policy
-answers the held-out prompts and the rule judge scores them, as the demo's eval does. `compare/compare.md` (and
-a section of `report.md`) holds the table: held-out every-constraint-met rate with its 95% interval, the paired
-difference from SFT, KL to the SFT model and wall time; `compare/compare.png` the chart.
+After the demo's loop, each optimiser runs one round from the demo's SFT model on round 1's rankings: PPO as
+the demo runs it (leave-one-out advantages) and GRPO against round 1's reward model; GRPO rewarded by the
+labelers' judge itself (RL from a verifier: what the reward model from rankings costs or gives); DPO,
+Plackett-Luce DPO and LiPO-lambda DPO on the rankings themselves, with the adapters of the demo's PPO. Each
+policy answers the held-out prompts and the eval's judge scores them (the rule judge in the demo), as the
+pipeline's eval does. `compare/compare.md` (and a section of `report.md`) holds the table: held-out
+every-constraint-met rate with its 95% interval, the paired difference from SFT, KL to the SFT model and wall
+time; `compare/compare.png` the chart.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def run(cfg: PipelineConfig, console: Console) -> dict:
         eval_cfg = replace(
             cfg.eval, policy=str(policy), baseline=str(paths.sft), prompts=cfg.eval_prompts, seed=cfg.seed
         )
-        result = evaluate(replace(eval_cfg, judge=eval_cfg.judge or "rule"))
+        judge = eval_cfg.judge or cfg.label.judge  # as the pipeline's own eval
+        result = evaluate(replace(eval_cfg, judge=judge))
         row = {
             "optimizer": arm,
             "success": result.success_rate["policy"],
