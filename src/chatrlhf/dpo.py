@@ -39,7 +39,7 @@ from chatrlhf.models import (
     save_model,
 )
 from chatrlhf.preferences import load_rankings
-from chatrlhf.ranked import RankedItem, split_by_prompt, tokenize_rankings
+from chatrlhf.ranked import RankedItem, pair_agreement, split_by_prompt, tokenize_rankings
 from chatrlhf.records import InvalidRecords
 from chatrlhf.runs import data_lineage
 from chatrlhf.training import Stage, fit
@@ -64,13 +64,6 @@ def prompt_loss(logratios: torch.Tensor, item: RankedItem, cfg: DPOConfig) -> to
     return losses.mean()
 
 
-def _pair_counts(scores: torch.Tensor, item: RankedItem) -> tuple[float, float]:
-    """(pairs the implicit rewards order as ranked, the summed reward margin over the pairs)."""
-    pairs = torch.tensor(item.pairs, dtype=torch.long, device=scores.device)
-    margin = (scores[pairs[:, 0]] - scores[pairs[:, 1]]).detach()
-    return float((margin > 0).sum()), float(margin.sum())
-
-
 def _dpo_stage(tokenizer, device, lineage: dict, cfg: DPOConfig) -> Stage:
     pad_id = tokenizer.pad_token_id
 
@@ -85,7 +78,7 @@ def _dpo_stage(tokenizer, device, lineage: dict, cfg: DPOConfig) -> Stage:
             h = logratios(model, item)
             item_loss = prompt_loss(h, item, cfg)
             total = total + item_loss
-            correct, margin = _pair_counts(cfg.beta * h, item)
+            _, correct, margin = pair_agreement(cfg.beta * h, item.pairs)
             stats["loss"] += item_loss.item()
             stats["prompts"] += 1
             stats["pairs"] += len(item.pairs)
@@ -105,7 +98,7 @@ def _dpo_stage(tokenizer, device, lineage: dict, cfg: DPOConfig) -> Stage:
         correct = pairs = margin = loss_sum = 0.0
         for item in items:
             h = logratios(model, item)
-            c, m = _pair_counts(cfg.beta * h, item)
+            _, c, m = pair_agreement(cfg.beta * h, item.pairs)
             loss_sum += prompt_loss(h, item, cfg).item()
             correct, pairs, margin = correct + c, pairs + len(item.pairs), margin + m
         return {

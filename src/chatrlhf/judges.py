@@ -52,6 +52,7 @@ class IFEvalJudge:
     """Share of a record's IFEval instructions followed, each checked strictly by lm-eval's checker."""
 
     name = "ifeval"
+    needs = ("instruction_id_list",)
 
     def scores(self, prompt: list[dict], responses: Sequence[str], meta: dict) -> list[float]:
         from chatrlhf.ifeval.checkers import instruction_constraints
@@ -85,6 +86,7 @@ class ReferenceJudge:
     """Exact final answer against the record's `answer`, else embedding cosine similarity to `reference`."""
 
     name = "reference"
+    needs = ("answer", "reference")  # a record field one of which it reads
 
     def __init__(self):
         self._encoder = None

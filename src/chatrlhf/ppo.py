@@ -226,20 +226,18 @@ def _check(cfg: PPOConfig, reward_fn) -> None:
         )
 
 
-JUDGE_FIELDS = {"ifeval": ("instruction_id_list",), "reference": ("reference", "answer")}
-
-
 def _judge(cfg: PPOConfig, conversations: list[Conversation]):
     """`reward: judge`'s judge, once every prompt record is checked to carry what it reads (before anything
     is written)."""
-    need = JUDGE_FIELDS.get(cfg.judge, ())
+    judge = make_judge(cfg.judge)
+    need = getattr(judge, "needs", ())
     for conv in conversations:
         if need and not any(conv.extra.get(key) for key in need):
             fields = " or ".join(f"`{key}`" for key in need)
             raise DataError(
                 f"{conv.where}: the {cfg.judge} judge (reward: judge) needs the record's field {fields}"
             )
-    return make_judge(cfg.judge)
+    return judge
 
 
 def _prompt_ids(cfg: PPOConfig, tokenizer, invalid: InvalidRecords) -> tuple[list, list[list[int]]]:

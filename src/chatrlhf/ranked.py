@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from chatrlhf.chat_template import answer_ids
 from chatrlhf.losses import ranking_pairs
 from chatrlhf.preferences import Ranking
@@ -29,6 +31,14 @@ class RankedItem:
     ranks: list[int] = field(default_factory=list)  # (K,) 1 is best; equal ranks tie
     answer_start: int = 0  # index of the answers' first token (the rendered prompt's length)
     reference: list[float] = field(default_factory=list)  # (K,) the reference model's log-probs (DPO)
+
+
+def pair_agreement(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, float, float]:
+    """(the pairs as a (P, 2) long tensor, how many of them `scores` (K,) order as ranked, the summed margin
+    score(winner) - score(loser)); no gradient flows through the counts."""
+    index = torch.tensor(pairs, dtype=torch.long, device=scores.device)
+    margin = (scores[index[:, 0]] - scores[index[:, 1]]).detach()
+    return index, float((margin > 0).sum()), float(margin.sum())
 
 
 def tokenize_rankings(

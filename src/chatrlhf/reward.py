@@ -39,21 +39,19 @@ from chatrlhf.models import (
     unwrap,
 )
 from chatrlhf.preferences import Ranking, load_rankings
-from chatrlhf.ranked import RankedItem, independent_pairs, split_by_prompt, tokenize_rankings
+from chatrlhf.ranked import (
+    RankedItem,
+    independent_pairs,
+    pair_agreement,
+    split_by_prompt,
+    tokenize_rankings,
+)
 from chatrlhf.records import DataError, InvalidRecords
 from chatrlhf.runs import data_lineage
 from chatrlhf.training import Stage, fit
 
 # --------------------------------------------------------------------------------------------------
 # the stage
-
-
-def _pair_stats(
-    rewards: torch.Tensor, item_pairs: list[tuple[int, int]]
-) -> tuple[torch.Tensor, float, float]:
-    pairs = torch.tensor(item_pairs, dtype=torch.long, device=rewards.device)
-    diff = (rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).detach()
-    return pairs, float((diff > 0).sum()), float(diff.sum())
 
 
 def _reward_stage(
@@ -75,7 +73,7 @@ def _reward_stage(
         total = torch.zeros((), device=device)
         stats = {"loss": 0.0, "pairs": 0.0, "correct": 0.0, "margin": 0.0, "prompts": float(len(items))}
         for item, rewards in zip(items, forward(model, items)):
-            pairs, correct, margin = _pair_stats(rewards, item.pairs)
+            pairs, correct, margin = pair_agreement(rewards, item.pairs)
             item_loss = ranking_loss(rewards, pairs)
             total = total + (item_loss * len(item.pairs) if per_pair else item_loss)
             stats["loss"] += item_loss.item() * len(item.pairs)
@@ -99,7 +97,7 @@ def _reward_stage(
         for i in range(0, len(items), 8):
             batch = items[i : i + 8]
             for item, rewards in zip(batch, forward(model, batch)):
-                p, c, m = _pair_stats(rewards, item.pairs)
+                p, c, m = pair_agreement(rewards, item.pairs)
                 loss_sum += ranking_loss(rewards, p).item() * len(item.pairs)
                 correct, pairs, margin = correct + c, pairs + len(item.pairs), margin + m
                 k = len(item.sequences)

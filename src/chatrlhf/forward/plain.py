@@ -122,13 +122,8 @@ def answer_logprobs(
 ) -> torch.Tensor:
     """log p(answer | prompt) of each sequence: the sum of the causal LM's log-probs of its tokens from
     `answer_start` on (right padding, masked; logits only where an answer token is predicted). (N,) fp32."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = right_padded(sequences, pad_id, device)
+    width = ids.shape[1]
     hidden = backbone_hidden(model, ids, mask)
     predicts = mask[:, answer_start:].bool()  # (N, width - answer_start): the answer tokens
     rows = torch.arange(len(sequences), device=device)[:, None].expand_as(predicts)[predicts]
@@ -196,15 +191,19 @@ def scalar_head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def reward_scores(model, sequences: Sequence[list[int]], pad_id: int, device) -> torch.Tensor:
     """Scalar reward of each sequence, read at its last token. Returns (N,); right padding, masked."""
+    ids, mask = right_padded(sequences, pad_id, device)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+
+
+def right_padded(sequences: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as (N, T) ids right-padded with `pad_id` and their (N, T) attention mask, on `device`."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return (
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, 0].float()
-    )
+    return ids.to(device), mask.to(device)
 
 
 def token_values(value_model, sequences, attention_mask, prompt_width: int, trunk: Trunk | None = None):
