@@ -468,11 +468,11 @@ def prompt_widths(cfg, rows: list[dict], steps: int) -> list[int]:
     """Left-padded prompt width of each PPO step's batch, in chatrlhf's tokenization and prompt order."""
     from chatrlhf.chat_template import prompt_ids
     from chatrlhf.models import load_tokenizer
-    from chatrlhf.training import step_items
+    from chatrlhf.ppo import step_prompts
 
     tokenizer = load_tokenizer(cfg.model)
     lengths = [len(prompt_ids(tokenizer, [{"role": "user", "content": r["prompt"]}])) for r in rows]
-    return [max(lengths[i] for i in step_items(cfg, len(rows), step)) for step in range(steps)]
+    return [max(lengths[i] for i in step_prompts(cfg, len(rows), step)) for step in range(steps)]
 
 
 def source_state() -> dict:

@@ -1,12 +1,17 @@
-"""Reward model on real human rankings: chatrlhf against TRL's RewardTrainer, held-out accuracy over seeds.
+"""Reward model on real human preferences: chatrlhf against TRL's RewardTrainer, held-out accuracy over seeds.
 
-Data: the 100 OpenAssistant message trees in `<repo>/../shared/data/openassistant-oasst-en100/` (set
-CHATRLHF_SHARED_DATA to another data folder), read with chatrlhf's OpenAssistant loader: every group of
-human-written, ranked sibling replies is one ranking. Answers whose conversation is longer than
-`--max-length` - 1 tokens are left out of their ranking (TRL's rendering ends with one token more, the
-newline after `<|im_end|>`, so neither trainer drops anything), and a ranking keeps going while two distinct
-ranks remain. The trees are split once, by tree, `--split-seed` fixed: `--train-fraction` of them for
-training, the rest held out, so no conversation is on both sides.
+Data (from `<repo>/../shared/data/`; set CHATRLHF_SHARED_DATA to another data folder), `--dataset`:
+
+* `openassistant`: the 100 OpenAssistant message trees, read with chatrlhf's OpenAssistant loader: every group
+  of human-written, ranked sibling replies is one ranking, trained on and held out alike; split by tree.
+* `qa-feedback`: 400 ASQA questions with 4 model answers each. Trained on each question's ranking (Copeland
+  over its human pairwise labels, ties kept as ties; TRL gets the strict pairs it implies), held out as the
+  strict human pairs themselves; split by question (the answers of one question are close paraphrases).
+
+Answers whose conversation is longer than `--max-length` - 1 tokens are left out (TRL's rendering ends with one
+token more, the newline after `<|im_end|>`, so neither trainer drops anything), and a ranking keeps going while
+two distinct ranks remain. The groups are split once, `--split-seed` fixed, `--train-fraction` of them for
+training, the rest held out.
 
 Each framework trains in a fresh process, on the same model (SmolLM2-135M fp32 in bench/models/smollm2-135m,
 made once by `trl_baseline.py prepare`), epochs, learning rate, schedule (linear decay, no warm-up) and max
@@ -20,9 +25,11 @@ length, data in file order; the seed draws the new score head and nothing else:
 
 Then both models score every held-out answer and this script computes the same metrics for both: pairwise
 accuracy (a pair is right when the better answer scores strictly higher), per-prompt accuracy by K, and how
-often the model prefers the longer answer. Run from the repository root:
+often the model prefers the longer answer, beside "the longer answer wins"; then the per-seed difference,
+chatrlhf's held-out accuracy minus TRL's at the same seed. Run from the repository root:
 
-    .venv/bin/python bench/reward_real.py                                  # seeds 1-4, both frameworks
+    .venv/bin/python bench/reward_real.py                                  # both datasets, seeds 1-4
+    .venv/bin/python bench/reward_real.py --dataset qa-feedback --seeds 1
     .venv/bin/python bench/reward_real.py --seeds 1 --skip-chatrlhf --out bench/out/reward_real.jsonl
     .venv/bin/python bench/reward_real.py --skip-trl --chatrlhf "--batch_size 1"
     .venv/bin/python bench/reward_real.py --summarize bench/out/reward_real.jsonl   # table of saved runs
@@ -52,6 +59,7 @@ import common  # noqa: E402
 MODEL_DIR = common.MODEL_DIR
 DATA_DIR = Path(os.environ.get("CHATRLHF_SHARED_DATA") or common.REPO.parent / "shared" / "data")
 TREES = DATA_DIR / "openassistant-oasst-en100" / "en_100_tree.jsonl"
+QA_FEEDBACK = DATA_DIR / "qa-feedback"
 BENCH = "rm_real"
 GOAL_PAIRS_RATIO = 3.0  # the issue's target: >= 3x TRL's pairs/s at a mean held-out accuracy >= TRL's
 TRL_PAIRS_PER_STEP = 8
@@ -61,6 +69,11 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 # --------------------------------------------------------------------------------------------------
 # data: made once by the parent (chatrlhf's loader and tokenizer), written as files for both children
+
+
+def heldout_pairs(row: dict) -> list[tuple[int, int]]:
+    """A held-out row's (better, worse) pairs: its own human pairs where it has them, else its ranking's."""
+    return [tuple(p) for p in row["pairs"]] if "pairs" in row else pairs_of(row["ranks"])
 
 
 def pairs_of(ranks: list[int]) -> list[tuple[int, int]]:
@@ -73,41 +86,101 @@ def pairs_of(ranks: list[int]) -> list[tuple[int, int]]:
     ]
 
 
-def make_split(max_length: int, train_fraction: float, split_seed: int) -> dict:
-    """Train and held-out rankings, split by tree, answers longer than max_length - 1 tokens left out."""
-    import random
+def _ranked(r, lengths: list[int], kept: list[int], **extra) -> dict:
+    return {
+        "prompt": r.prompt,
+        "responses": [r.responses[i] for i in kept],
+        "ranks": [r.ranks[i] for i in kept],
+        "lengths": [lengths[i] for i in kept],
+        **extra,
+    }
 
+
+def _fitting(tokenizer, r, max_length: int) -> tuple[list[int], list[int]]:
+    """Each answer's token count with the prompt, and the indices of those within max_length - 1."""
     from chatrlhf.chat_template import sequence_ids
-    from chatrlhf.models import load_tokenizer
+
+    lengths = [len(sequence_ids(tokenizer, r.prompt, a)) for a in r.responses]
+    return lengths, [i for i, n in enumerate(lengths) if n <= max_length - 1]
+
+
+def openassistant_groups(tokenizer, max_length: int) -> tuple[dict[str, dict], int]:
+    """Per message tree: its ranked sibling groups, for training and held out alike."""
     from chatrlhf.preferences import load_rankings
 
-    tokenizer = load_tokenizer(str(MODEL_DIR))
-    by_tree: dict[str, list[dict]] = {}
-    dropped_answers = 0
+    groups: dict[str, dict] = {}
+    dropped = 0
     for r in load_rankings(str(TREES)):
-        lengths = [len(sequence_ids(tokenizer, r.prompt, a)) for a in r.responses]
-        kept = [i for i, n in enumerate(lengths) if n <= max_length - 1]
-        dropped_answers += len(r.responses) - len(kept)
+        lengths, kept = _fitting(tokenizer, r, max_length)
+        dropped += len(r.responses) - len(kept)
         if len({r.ranks[i] for i in kept}) < 2:
             continue
-        by_tree.setdefault(r.where.rsplit(":", 1)[1], []).append(
-            {
-                "prompt": r.prompt,
-                "responses": [r.responses[i] for i in kept],
-                "ranks": [r.ranks[i] for i in kept],
-                "lengths": [lengths[i] for i in kept],
-            }
-        )
-    trees = sorted(by_tree, key=int)
-    random.Random(split_seed).shuffle(trees)
-    n_train = round(len(trees) * train_fraction)
-    train = [r for t in sorted(trees[:n_train], key=int) for r in by_tree[t]]  # file order
-    heldout = [r for t in sorted(trees[n_train:], key=int) for r in by_tree[t]]
+        row = _ranked(r, lengths, kept)
+        group = groups.setdefault(r.where.rsplit(":", 1)[1], {"train": [], "heldout": []})
+        group["train"].append(row)
+        group["heldout"].append(row)
+    return groups, dropped
+
+
+def qa_feedback_groups(tokenizer, max_length: int) -> tuple[dict[str, dict], int]:
+    """Per question: trained on its ranking (Copeland over the human labels, ties kept), held out as its strict
+    human pairs, each over the question's distinct answers (scored once each)."""
+    from chatrlhf.preferences import load_rankings
+
+    rankings = QA_FEEDBACK / "rankings.jsonl"
+    ids = [
+        json.loads(line)["question_id"] for line in rankings.read_text(encoding="utf-8").splitlines() if line
+    ]
+    human: dict[str, list[tuple[str, str]]] = {}
+    for record in read_jsonl(QA_FEEDBACK / "human_pairs.jsonl"):
+        human.setdefault(record["question_id"], []).append((record["chosen"], record["rejected"]))
+    groups: dict[str, dict] = {}
+    dropped = 0
+    for qid, r in zip(ids, load_rankings(str(rankings)), strict=True):
+        lengths, kept = _fitting(tokenizer, r, max_length)
+        dropped += len(r.responses) - len(kept)
+        answers = [r.responses[i] for i in kept]
+        pairs = [
+            [answers.index(c), answers.index(w)]
+            for c, w in human.get(qid, [])
+            if c in answers and w in answers
+        ]
+        if len({r.ranks[i] for i in kept}) < 2:  # the children read held-out files as rankings too
+            continue
+        groups[qid] = {
+            "train": [_ranked(r, lengths, kept)],
+            "heldout": [_ranked(r, lengths, kept, pairs=pairs)],
+        }
+    return groups, dropped
+
+
+DATASETS = {
+    # name: (groups, default share of the groups trained on, what a group is)
+    "openassistant": (openassistant_groups, 0.4, "trees"),
+    "qa-feedback": (qa_feedback_groups, 0.25, "questions"),
+}
+
+
+def make_split(dataset: str, max_length: int, train_fraction: float, split_seed: int) -> dict:
+    """Train and held-out rows, split by group (tree, question), answers longer than max_length - 1 tokens
+    left out."""
+    import random
+
+    from chatrlhf.models import load_tokenizer
+
+    groups_of, _, _ = DATASETS[dataset]
+    groups, dropped = groups_of(load_tokenizer(str(MODEL_DIR)), max_length)
+    names = sorted(groups, key=lambda g: int(g.rsplit("-", 1)[-1]))
+    random.Random(split_seed).shuffle(names)
+    n_train = round(len(names) * train_fraction)
+    by_file_order = sorted(range(len(names)), key=lambda i: int(names[i].rsplit("-", 1)[-1]))
+    train = [row for i in by_file_order if i < n_train for row in groups[names[i]]["train"]]
+    heldout = [row for i in by_file_order if i >= n_train for row in groups[names[i]]["heldout"]]
     return {
         "train": train,
         "heldout": heldout,
-        "trees": [n_train, len(trees) - n_train],
-        "dropped_answers": dropped_answers,
+        "trees": [n_train, len(names) - n_train],
+        "dropped_answers": dropped,
     }
 
 
@@ -148,7 +221,7 @@ def heldout_metrics(scores: list[list[float]], heldout: list[dict], prefix: str 
     margin = loss = 0.0
     by_k: dict[int, list[float]] = {}
     for s, r in zip(scores, heldout, strict=True):
-        pairs = pairs_of(r["ranks"])
+        pairs = heldout_pairs(r)
         hits = 0
         for w, lo in pairs:
             d = s[w] - s[lo]
@@ -177,7 +250,7 @@ def longer_wins(heldout: list[dict]) -> float:
     """Held-out accuracy of "the longer answer is better" over pairs of unequal length."""
     right = n = 0
     for r in heldout:
-        for w, lo in pairs_of(r["ranks"]):
+        for w, lo in heldout_pairs(r):
             if r["lengths"][w] != r["lengths"][lo]:
                 right += r["lengths"][w] > r["lengths"][lo]
                 n += 1
@@ -252,6 +325,21 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
             "met": accuracy_ok and pairs_ratio is not None and pairs_ratio >= GOAL_PAIRS_RATIO,
         }
     first = (results["chatrlhf"] or results["trl"])[0]
+    paired = None
+    trl_by_seed = {r["seed"]: r["heldout_accuracy"] for r in results["trl"]}
+    diffs = [
+        r["heldout_accuracy"] - trl_by_seed[r["seed"]]
+        for r in results["chatrlhf"]
+        if r["seed"] in trl_by_seed
+    ]
+    if diffs:
+        mean, half = interval(diffs)
+        paired = {
+            "seeds": len(diffs),
+            "mean": round(mean, 4),
+            "ci95": round(half, 4),
+            "chatrlhf_ahead": sum(d > 0 for d in diffs),
+        }
     return {
         "bench": BENCH,
         "summary": True,
@@ -262,16 +350,19 @@ def summarize(results: dict[str, list[dict]], args) -> dict:
             "pairs_per_s": pairs_ratio,
             "peak_rss_mib": common.ratio(chat, trl, "peak_rss_mib_median"),
         },
+        "paired_accuracy_chatrlhf_minus_trl": paired,
         "goal": goal,
     }
 
 
 def print_table(summary: dict) -> None:
     split = summary["split"]
+    dataset = split.get("dataset", "openassistant")
+    groups = DATASETS[dataset][2]
     print(
-        f"\nReward model on OpenAssistant human rankings: {split['train_rankings']} training rankings "
-        f"({split['train_pairs']} pairs, {split['trees'][0]} trees), {split['heldout_rankings']} held-out "
-        f"rankings ({split['heldout_pairs']} pairs, {split['trees'][1]} trees), max length "
+        f"\nReward model on human preferences, {dataset}: {split['train_rankings']} training rankings "
+        f"({split['train_pairs']} pairs, {split['trees'][0]} {groups}), {split['heldout_rankings']} held-out "
+        f"rankings ({split['heldout_pairs']} pairs, {split['trees'][1]} {groups}), max length "
         f"{split['max_length']}; accuracy mean ± 95% interval over seeds, speed medians; "
         f"'longer answer wins' scores {split['heldout_longer_wins']:.3f} on held-out pairs of unequal length:"
     )
@@ -315,36 +406,61 @@ def print_table(summary: dict) -> None:
                 f"{name}: per seed {dict(zip(summary[name]['seed_runs'], summary[name]['heldout_accuracy_runs']))}; "
                 f"per-prompt accuracy by K {summary[name]['heldout_prompt_accuracy_by_k_mean']}"
             )
+    paired = summary.get("paired_accuracy_chatrlhf_minus_trl")
+    if paired:
+        print(
+            f"paired over {paired['seeds']} seeds, chatrlhf - TRL held-out accuracy: {paired['mean']:+.4f} ± "
+            f"{paired['ci95']:.4f} (chatrlhf ahead in {paired['chatrlhf_ahead']})"
+        )
     target = ">= {pairs_per_s_ratio_min:.0f}x TRL's pairs/s, mean held-out accuracy >= TRL's"
     common.print_goal(summary["goal"], target)
 
 
-def parent_main(args) -> None:
-    if args.summarize:
-        results: dict[str, list[dict]] = {"trl": [], "chatrlhf": []}
-        for path in args.summarize:
-            for record in read_jsonl(Path(path)):
-                if record.get("bench") == BENCH and not record.get("summary"):
-                    results[record["framework"]].append(record)
+def summarize_files(args) -> None:
+    """The table of the runs saved in `args.summarize`, one per dataset."""
+    by_dataset: dict[str, dict[str, list[dict]]] = {}
+    for path in args.summarize:
+        for record in read_jsonl(Path(path)):
+            if record.get("bench") == BENCH and not record.get("summary"):
+                dataset = record["split"].get("dataset", "openassistant")
+                by_dataset.setdefault(dataset, {"trl": [], "chatrlhf": []})[record["framework"]].append(
+                    record
+                )
+    for results in by_dataset.values():
         summary = summarize(results, args)
         common.emit(summary, None)
         print_table(summary)
+
+
+def parent_main(args) -> None:
+    if args.summarize:
+        summarize_files(args)
         return
     if not args.skip_trl:
         common.TRL_VENV.ensure()
     common.ensure_model(common.shared_bench_dir(), common.prepare_python())
-    split = make_split(args.max_length, args.train_fraction, args.split_seed)
+    datasets = list(DATASETS) if args.dataset == "all" else [args.dataset]
+    for dataset in datasets:
+        compare_on(dataset, args)
+
+
+def compare_on(dataset: str, args) -> None:
+    """Both frameworks on one dataset, every seed."""
+    args = argparse.Namespace(**vars(args))
+    train_fraction = args.train_fraction or DATASETS[dataset][1]
+    split = make_split(dataset, args.max_length, train_fraction, args.split_seed)
     heldout = split["heldout"]
     split_info = {
-        "file": str(TREES),
+        "dataset": dataset,
+        "file": str(TREES if dataset == "openassistant" else QA_FEEDBACK),
         "split_seed": args.split_seed,
-        "train_fraction": args.train_fraction,
+        "train_fraction": train_fraction,
         "max_length": args.max_length,
         "trees": split["trees"],
         "train_rankings": len(split["train"]),
         "train_pairs": sum(len(pairs_of(r["ranks"])) for r in split["train"]),
         "heldout_rankings": len(heldout),
-        "heldout_pairs": sum(len(pairs_of(r["ranks"])) for r in heldout),
+        "heldout_pairs": sum(len(heldout_pairs(r)) for r in heldout),
         "answers_dropped_as_too_long": split["dropped_answers"],
         "heldout_longer_wins": longer_wins(heldout),
     }
@@ -518,7 +634,12 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of both (default 1e-5)")
     ap.add_argument("--epochs", type=float, default=1.0, help="epochs of both (default 1)")
     ap.add_argument(
-        "--train-fraction", type=float, default=0.4, help="share of the trees trained on (default 0.4)"
+        "--dataset", choices=(*DATASETS, "all"), default="all", help="which human preferences (default all)"
+    )
+    ap.add_argument(
+        "--train-fraction",
+        type=float,
+        help="share of the groups (trees, questions) trained on (default: openassistant 0.4, qa-feedback 0.25)",
     )
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the tree split (default 0)")
     ap.add_argument("--chatrlhf", default="", help='extra chatrlhf config overrides, e.g. "--batch_size 2"')
@@ -536,7 +657,7 @@ def parse_args(argv=None):
         args.seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
-    if not 0 < args.train_fraction < 1:
+    if args.train_fraction is not None and not 0 < args.train_fraction < 1:
         ap.error("--train-fraction must be between 0 and 1")
     return args
 
