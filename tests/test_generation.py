@@ -287,3 +287,103 @@ def test_continuous_batching_reports_each_answer_as_it_ends(tokenizer):
                          tokenizer.pad_token_id, slots=2, on_done=lambda i, c: heard.append((i, c)))  # fmt: skip
     assert sorted(i for i, _ in heard) == list(range(7))
     assert all(each[i] is c for i, c in heard)
+
+
+def _lora_model(tokenizer, folder, layers: int = 3):
+    """A tiny llama with LoRA on q, v and the MLP's gate in its top two layers, the adapters moved off zero."""
+    from conftest import make_tiny_model
+
+    from chatrlhf.configs import LoraConfig
+    from chatrlhf.models import apply_lora, load_causal_lm
+
+    path = make_tiny_model(folder, tokenizer, layers=layers)
+    lora = LoraConfig(rank=4, targets=["q_proj", "v_proj", "gate_proj"], layers=2)
+    model = apply_lora(load_causal_lm(path, tokenizer, torch.device("cpu")), lora)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_decoding_step_gives_the_forward_steps_tokens_trunk_and_log_probs(
+    tokenizer, tmp_path, dtype
+):
+    """The lean step (fused weights, few operators) against decoding through the model's forward, with LoRA
+    adapters in the top layers and a kept trunk: in fp32 the same tokens and numbers to float rounding; under
+    bf16 autocast (the weights held as bf16 copies) the same greedy tokens and log-probs within bf16's
+    rounding. Sampling reads the same generator, so the sampled answers match too."""
+    import chatrlhf.generation as generation
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.decode_step import ForwardStep, LeanStep, stepper
+
+    model = _lora_model(tokenizer, tmp_path)
+    assert isinstance(stepper(model, "cache"), LeanStep)
+    a = tokenizer("Tell me about bees.")["input_ids"]
+    b = tokenizer("Rain, in lowercase, at most fifteen words please.")["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    runs = {}
+    for name, make in (("lean", stepper), ("forward", lambda m, k, t=0: ForwardStep(m, k, t))):
+        generation.stepper = make
+        try:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                runs[name] = [
+                    generation.generate(
+                        model,
+                        [a, b, a, b],
+                        SamplingConfig(10, temperature=t),
+                        eos,
+                        pad,
+                        torch.Generator().manual_seed(1),
+                        keep_trunk=1,
+                    )  # fmt: skip
+                    for t in (0.0, 1.0)
+                ]
+        finally:
+            generation.stepper = stepper
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    for lean, forward in zip(runs["lean"], runs["forward"]):
+        assert torch.equal(lean.response_ids, forward.response_ids)
+        torch.testing.assert_close(lean.logprobs, forward.logprobs, **tol)
+        torch.testing.assert_close(lean.trunk, forward.trunk, **tol)
+
+
+def test_the_lean_step_follows_weight_changes_and_leaves_other_models_to_their_forward(tokenizer, tmp_path):
+    """Frozen weights are fused once and used again; after a fused AdamW step (which leaves `_version` as it
+    was) the lean step decodes with the new weights, as the forward does; adapters switched off are left
+    out; a model of a family the step does not know decodes through its own forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import chatrlhf.generation as generation
+    from chatrlhf.configs import SamplingConfig
+    from chatrlhf.decode_step import ForwardStep, stepper
+
+    model = _lora_model(tokenizer, tmp_path)
+    first, again = stepper(model, "cache"), stepper(model, "cache")
+    assert first.weights.layers[0].qkv.weight is again.weights.layers[0].qkv.weight  # frozen: kept
+    prompts = [tokenizer("Tell me about bees.")["input_ids"]]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def greedy(make) -> list[int]:
+        generation.stepper = make
+        try:
+            return generation.generate(model, prompts, SamplingConfig(12), eos, pad).response_ids[0].tolist()
+        finally:
+            generation.stepper = stepper
+
+    before = greedy(stepper)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.5, fused=True)
+    sum(p.square().sum() for p in trainable).backward()
+    optimizer.step()
+    after = greedy(stepper)
+    assert after != before and after == greedy(lambda m, k, t=0: ForwardStep(m, k, t))
+    with model.disable_adapter():
+        assert all(layer.qkv.lora is None for layer in stepper(model, "cache").weights.layers)
+    assert any(layer.qkv.lora is not None for layer in stepper(model, "cache").weights.layers)
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4)).eval()
+    assert isinstance(stepper(gpt2, "past_key_values"), ForwardStep)
+    gen = generation.generate(gpt2, prompts, SamplingConfig(5, min_new_tokens=5), eos, 0)
+    assert gen.response_mask.sum() == 5

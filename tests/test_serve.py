@@ -256,11 +256,13 @@ def test_api_key_required_when_set(tiny_model):
 
 
 class FailingForward:
-    """Makes the model's forward raise on its `countdown`-th call from now (1: the prompt's prefill)."""
+    """Makes the model's forward raise on its `countdown`-th call from now (1: the prompt's prefill). Hooked
+    on the token embedding, where the prefill and every decoding step begin (the engine's lean decoding step
+    does not call the model's forward)."""
 
     def __init__(self, model):
         self.countdown = 0
-        model.register_forward_pre_hook(self.hook)
+        model.get_input_embeddings().register_forward_pre_hook(self.hook)
 
     def hook(self, module, args):
         if self.countdown:

@@ -2,7 +2,8 @@
 
 Prompts are left-padded into one batch and prefilled once each: rows asking the same prompt (k answers per
 prompt, as PPO, sampling and eval ask) share one prefill, whose KV cache is then copied to each of them. The
-batch is then decoded token by token over the KV cache with only the last position's logits computed. A
+batch is then decoded token by token over the KV cache with only the last position's logits computed, by
+`decode_step`'s lean step for Llama-family models (the model's forward for the rest). A
 sequence stops at EOS (kept as its last token) and leaves the batch, KV cache included, so the rest decode
 without it; its remaining positions hold the pad token, which is distinct from EOS. The sampled tokens'
 log-probs (under the temperature-scaled distribution, before top-k/top-p filtering, as PPO recomputes them)
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from chatrlhf.configs import SamplingConfig
+from chatrlhf.decode_step import stepper
 from chatrlhf.errors import UserError
 from chatrlhf.forward import cache_keyword, distinct_rows, positions
 from chatrlhf.kv_cache import RoomyCache
@@ -136,8 +138,10 @@ def _generate(
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     batch = ids.shape[0]
-    cache = {cache_argument(model): RoomyCache()}
+    key = cache_argument(model)
+    cache = {key: RoomyCache()}
     step_logits = _prefill(model, prompts, ids, mask, cache, share_prefill, seen)
+    step = stepper(model, key, seen.layer)
     next_pos = positions(mask)[:, -1:] + 1
     attention = mask
     # rows still decoding; a finished row leaves the batch (and its KV cache) so later steps skip its work,
@@ -167,15 +171,8 @@ def _generate(
                 cache, alive[active], active, chosen, attention, next_pos
             )
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention,
-            position_ids=next_pos,
-            use_cache=True,
-            **cache,
-        )
-        step_logits = out.logits[:, -1, :]
-        seen.take_step(active)
+        step_logits = step(chosen, attention, next_pos, cache[key])
+        seen.take_step(active, getattr(step, "trunk", None))
         next_pos = next_pos + 1
         if seen.layer:  # rows that finished stayed for their last token's trunk state; they leave now
             if not alive.any():
@@ -214,6 +211,7 @@ def generate_each(
     answers differ in length (evaluation, IFEval). `on_done(index, continuation)` hears each as it ends."""
     device = next(model.parameters()).device
     key = cache_argument(model)
+    step = stepper(model, key)
     waiting = list(range(len(prompts)))[::-1]
     done: list[Continuation | None] = [None] * len(prompts)
     live: list[int] = []  # the prompt of each row
@@ -248,14 +246,7 @@ def generate_each(
             cache[key].batch_select_indices(kept)
             chosen, attention, next_pos = chosen[kept], attention[kept], next_pos[kept]
         attention = _trim(cache[key], torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1))
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention,
-            position_ids=next_pos,
-            use_cache=True,
-            **cache,
-        )
-        state = (cache, attention, next_pos + 1, out.logits[:, -1, :])
+        state = (cache, attention, next_pos + 1, step(chosen, attention, next_pos, cache[key]))
     return done
 
 
@@ -374,10 +365,11 @@ class _LayerInput:
         if self.layer:
             self.prompt = self.last if spread is None else self.last[spread]
 
-    def take_step(self, active: torch.Tensor) -> None:
-        """After a decoding forward of the rows `active`, one new token each."""
+    def take_step(self, active: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """After a decoding forward of the rows `active`, one new token each; `hidden` is the layer's input
+        where the step did not run the layer's module (the lean step), else the hook saw it."""
         if self.layer:
-            self.steps.append((active, self.last[:, 0]))
+            self.steps.append((active, (self.last if hidden is None else hidden)[:, 0]))
 
     def trunk(self, batch: int, length: int) -> torch.Tensor | None:
         if not self.layer:
