@@ -87,10 +87,8 @@ class LeanStep:
         self.eps = config.rms_norm_eps
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # transformers' RMSNorm to the operation: in fp32, back to the input's dtype, then the weight
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        # transformers' RMSNorm (in fp32, back to the input's dtype, then the weight), its core one operator
+        return weight * torch.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
     def __call__(self, tokens, attention, position, cache) -> torch.Tensor:
         h = self.backbone.embed_tokens(tokens[:, None])  # (B, 1, D)
@@ -106,6 +104,10 @@ class LeanStep:
             qk = qkv[..., : (heads + kv) * d].view(batch, heads + kv, 1, d)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             v = qkv[..., (heads + kv) * d :].view(batch, kv, 1, d)
+            # rotary leaves queries and keys in the residual's dtype (fp32 under autocast), which attention
+            # casts to the compute dtype (v's): cast once here, and the cache holds keys attention can read
+            # as they are instead of casting the whole cache again at every step
+            qk = qk.to(v.dtype)
             keys, values = cache.layers[i].update(qk[:, heads:], v)
             # one query token: its heads grouped under their key/value head, no repeated keys
             q = qk[:, :heads].reshape(batch, kv, heads // kv, d)
