@@ -352,12 +352,14 @@ def test_the_lean_decoding_step_gives_the_forward_steps_tokens_trunk_and_log_pro
 def test_the_lean_step_follows_weight_changes_and_leaves_other_models_to_their_forward(tokenizer, tmp_path):
     """Frozen weights are fused once and used again; after a fused AdamW step (which leaves `_version` as it
     was) the lean step decodes with the new weights, as the forward does; adapters switched off are left
-    out; a model of a family the step does not know decodes through its own forward."""
+    out; a model with adapters of another kind, or of a family the step does not know, decodes through its
+    own forward."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import chatrlhf.generation as generation
     from chatrlhf.configs import SamplingConfig
     from chatrlhf.decode_step import ForwardStep, stepper
+    from chatrlhf.models import load_causal_lm
 
     model = _lora_model(tokenizer, tmp_path)
     first, again = stepper(model, "cache"), stepper(model, "cache")
@@ -382,6 +384,15 @@ def test_the_lean_step_follows_weight_changes_and_leaves_other_models_to_their_f
     with model.disable_adapter():
         assert all(layer.qkv.lora is None for layer in stepper(model, "cache").weights.layers)
     assert any(layer.qkv.lora is not None for layer in stepper(model, "cache").weights.layers)
+
+    from conftest import make_tiny_model
+    from peft import LoHaConfig, get_peft_model
+
+    loha = get_peft_model(
+        load_causal_lm(make_tiny_model(tmp_path / "loha", tokenizer), tokenizer, torch.device("cpu")),
+        LoHaConfig(r=2, target_modules=["q_proj"]),
+    )
+    assert isinstance(stepper(loha, "cache"), ForwardStep)  # an adapter the lean step does not compute
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4)).eval()
     assert isinstance(stepper(gpt2, "past_key_values"), ForwardStep)

@@ -3,11 +3,11 @@
 A decoded token is a (B, 1, D) tensor, and at that size a step of transformers' Llama is mostly dispatch: about
 45 operators a layer (seven per norm, twelve for rotary, one matmul per projection). This step runs the same
 arithmetic in the same dtypes with fewer: q, k and v in one matmul, gate and up in one, rotary over queries
-and keys at once, attention over the key/value heads without repeating them. The fused weights are copied
-once per change of the model's parameters (PPO changes them between rollouts), in the dtype the step computes
-in: autocast's under autocast, where transformers would cast every frozen weight again at every call. LoRA
-adapters stay beside them, unmerged, as PEFT computes them (a bf16 weight would round a young adapter's change
-away). Prefill stays transformers' forward: its (B, P, D) matmuls outweigh the calls.
+and keys at once, attention over the key/value heads without repeating them. The fused weights are held in the
+dtype the step computes in: autocast's under autocast, where transformers would cast every frozen weight again
+at every call. Frozen weights are fused once; trainable ones again at every generation (PPO changes them
+between rollouts). LoRA adapters stay beside them, unmerged, as PEFT computes them (a bf16 weight would round a
+young adapter's change away). Prefill stays transformers' forward: its (B, P, D) matmuls outweigh the calls.
 
 `stepper(model)` gives the step for a model of a family it knows, else a step through transformers' forward,
 so every model decodes the same way from the engine's side.
@@ -137,12 +137,19 @@ def _plain_layers(config) -> bool:
 
 
 def _plain_adapters(model) -> bool:
-    """No adapters, or plain unmerged LoRA with one active adapter and no dropout in use."""
+    """No adapters, or plain unmerged LoRA (no DoRA, no bias) with one active adapter and no dropout in use;
+    an adapter of another kind (a wrapped layer without `lora_A`) is not."""
     for m in model.modules():
-        if getattr(m, "lora_A", None) is None or not len(m.lora_A):
+        if getattr(m, "lora_A", None) is None:
+            if hasattr(m, "base_layer"):
+                return False
+            continue
+        if not len(m.lora_A):
             continue
         active = m.active_adapters
         if m.merged or len(active) != 1 or getattr(m, "use_dora", {}).get(active[0], False):
+            return False
+        if m.lora_B[active[0]].bias is not None:
             return False
         if m.training and not isinstance(m.lora_dropout[active[0]], torch.nn.Identity):
             return False
