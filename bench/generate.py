@@ -86,7 +86,12 @@ def ours(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tupl
     if shape in ("rollout", "streams"):
         rows = [p for p in prompts for _ in range(4)] if shape == "rollout" else prompts
         gen = generate(
-            model, rows, SamplingConfig(max_new, 1.0), eos, pad, torch.Generator().manual_seed(seed)
+            model,
+            rows,
+            SamplingConfig(max_new, SHAPES[shape][1]),
+            eos,
+            pad,
+            torch.Generator().manual_seed(seed),
         )
         answers = gen.token_lists(eos)
     else:
@@ -100,7 +105,7 @@ def ours_forward(model, tokenizer, shape: str, prompts, max_new: int, seed: int)
     from chatrlhf.decode_step import ForwardStep
 
     lean = generation.stepper
-    generation.stepper = lambda m, key, trunk_layer=0: ForwardStep(m, key, trunk_layer)
+    generation.stepper = lambda m, key, trunk_layer=0: ForwardStep(m, key)
     try:
         return ours(model, tokenizer, shape, prompts, max_new, seed)
     finally:
@@ -116,11 +121,14 @@ def theirs(model, tokenizer, shape: str, prompts, max_new: int, seed: int) -> tu
     batches = [prompts] if shape != "ifeval" else [prompts[i : i + 64] for i in range(0, len(prompts), 64)]
     for batch in batches:
         ids, mask = left_pad(batch, pad, "cpu")
-        kwargs = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        temperature = SHAPES[shape][1]
+        kwargs = (
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature
+            else {"do_sample": False}
+        )
         if shape == "rollout":
             kwargs["num_return_sequences"] = 4
-        elif shape == "ifeval":
-            kwargs = {"do_sample": False}
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
                              pad_token_id=pad, **kwargs)  # fmt: skip
         for row in out[:, ids.shape[1] :].tolist():

@@ -324,7 +324,7 @@ def test_the_lean_decoding_step_gives_the_forward_steps_tokens_trunk_and_log_pro
     b = tokenizer("Rain, in lowercase, at most fifteen words please.")["input_ids"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     runs = {}
-    for name, make in (("lean", stepper), ("forward", lambda m, k, t=0: ForwardStep(m, k, t))):
+    for name, make in (("lean", stepper), ("forward", lambda m, k, t=0: ForwardStep(m, k))):
         generation.stepper = make
         try:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -380,7 +380,7 @@ def test_the_lean_step_follows_weight_changes_and_leaves_other_models_to_their_f
     sum(p.square().sum() for p in trainable).backward()
     optimizer.step()
     after = greedy(stepper)
-    assert after != before and after == greedy(lambda m, k, t=0: ForwardStep(m, k, t))
+    assert after != before and after == greedy(lambda m, k, t=0: ForwardStep(m, k))
     with model.disable_adapter():
         assert all(layer.qkv.lora is None for layer in stepper(model, "cache").weights.layers)
     assert any(layer.qkv.lora is not None for layer in stepper(model, "cache").weights.layers)

@@ -29,10 +29,13 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ForwardStep:
-    """A decoding step through the model's own forward (any architecture)."""
+    """A decoding step through the model's own forward (any architecture); a kept trunk is seen by the
+    generation's hook on that layer, so `trunk` stays None."""
 
-    def __init__(self, model, cache_key: str, trunk_layer: int = 0):
-        self.model, self.key, self.trunk_layer = model, cache_key, trunk_layer
+    trunk = None
+
+    def __init__(self, model, cache_key: str):
+        self.model, self.key = model, cache_key
 
     def __call__(self, tokens, attention, position, cache) -> torch.Tensor:
         out = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=position,
@@ -123,7 +126,7 @@ def stepper(model, cache_key: str, trunk_layer: int = 0):
     the family and its adapters allow, else the model's forward."""
     base = unwrap(model)
     if base.config.model_type not in FAMILIES or not _plain_layers(base.config) or not _plain_adapters(model):
-        return ForwardStep(model, cache_key, trunk_layer)
+        return ForwardStep(model, cache_key)
     kind = next(model.parameters()).device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else base.dtype
     return LeanStep(model, _prepare(model, dtype, _PREPARED.setdefault(model, {})), trunk_layer)

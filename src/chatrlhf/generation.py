@@ -172,7 +172,7 @@ def _generate(
             )
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         step_logits = step(chosen, attention, next_pos, cache[key])
-        seen.take_step(active, getattr(step, "trunk", None))
+        seen.take_step(active, step.trunk)
         next_pos = next_pos + 1
         if seen.layer:  # rows that finished stayed for their last token's trunk state; they leave now
             if not alive.any():
